@@ -110,3 +110,7 @@ class ResumeError(OutputError):
 
 class VerifyError(SurgeonError):
     """A finished output no longer matches its `surgeon.json` manifest."""
+
+
+class TrainingError(SurgeonError):
+    """A training or evaluation run cannot start or continue with these inputs."""
