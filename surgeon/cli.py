@@ -1,13 +1,151 @@
-"""The `surgeon` command line: thin wrappers around the Python API."""
+"""The `surgeon` command line: thin wrappers around `surgeon.api`."""
 
 from __future__ import annotations
+
+import functools
+import logging
+import sys
 
 import click
 
 from surgeon import __version__
+from surgeon.errors import SurgeonError
+
+
+def _humanize(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1000
+    return f"{size} B"
+
+
+def reports_errors(command):
+    """Print a SurgeonError as one line and exit 1; with --debug, show the traceback too."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except SurgeonError as error:
+            if click.get_current_context().find_root().params.get("debug"):
+                raise
+            click.echo(f"error: {error}", err=True)
+            sys.exit(1)
+
+    return wrapper
 
 
 @click.group()
 @click.version_option(__version__, prog_name="surgeon")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("-v", "--verbose", is_flag=True, help="Show info logs.")
+def main(debug: bool, verbose: bool) -> None:
     """Checkpoint surgery for large language models."""
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command("apply")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("paths", nargs=-1, required=True, metavar="[IN] OUT")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB or 500MB.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder once the new output is complete.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted run, keeping the shards it completed.")
+@click.option("--no-space-check", is_flag=True, help="Write even if free disk space looks too small.")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@reports_errors
+def apply_command(recipe: str, paths: tuple[str, ...], max_shard_size: str, force: bool, resume: bool, no_space_check: bool, quiet: bool) -> None:
+    """Apply RECIPE to the checkpoint IN and write the result to OUT.
+
+    IN may be left out when the recipe names its own source models.
+    """
+    from surgeon.api import apply_recipe
+    from surgeon.plan import parse_size
+    from surgeon.writer import WriteOptions
+
+    if len(paths) > 2:
+        raise click.UsageError("expected [IN] OUT")
+    input_path, output_path = (paths[0], paths[1]) if len(paths) == 2 else (None, paths[0])
+    options = WriteOptions(force=force, resume=resume, check_space=not no_space_check, progress=not quiet)
+    plan = apply_recipe(recipe, input_path, output_path, max_shard_size=parse_size(max_shard_size), options=options)
+    if not quiet:
+        new = sum(1 for layer in plan.layout.layers if layer.origin.new)
+        click.echo(
+            f"wrote {output_path}: {len(plan.layout.layers)} layers ({new} new), "
+            f"{plan.parameter_count():,} parameters, {len(plan.shards)} shard(s), {_humanize(plan.output_bytes)}"
+        )
+
+
+@main.command("plan")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("input_path", metavar="[IN]", required=False)
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB or 500MB.")
+@reports_errors
+def plan_command(recipe: str, input_path: str | None, max_shard_size: str) -> None:
+    """Print the layer map, parameter counts and output size of RECIPE on IN, writing nothing."""
+    from surgeon.api import plan_recipe
+    from surgeon.plan import parse_size
+
+    plan = plan_recipe(recipe, input_path, max_shard_size=parse_size(max_shard_size))
+    click.echo(f"recipe: {plan.recipe.name} ({plan.recipe.source_format})")
+    click.echo(f"architecture: {plan.layout.arch.name}")
+    click.echo("layer map (output <- source):")
+    for entry in plan.layer_map():
+        marker = "  NEW" if entry["new"] else ""
+        click.echo(f"  {entry['index']:>4} <- {entry['source_model']}:{entry['source_layer']}{marker}  {entry['init'] if entry['new'] else ''}".rstrip())
+    for key, checkpoint in plan.inputs.items():
+        click.echo(f"input {key}: {checkpoint.parameter_count():,} parameters")
+    click.echo(f"output: {len(plan.layout.layers)} layers, {plan.parameter_count():,} parameters")
+    kinds: dict[str, int] = {}
+    for tensor in plan.tensors:
+        kinds[tensor.kind] = kinds.get(tensor.kind, 0) + tensor.expr.nbytes
+    click.echo("tensor data: " + ", ".join(f"{kind} {_humanize(size)}" for kind, size in sorted(kinds.items())))
+    click.echo(f"output size: {_humanize(plan.output_bytes)} in {len(plan.shards)} shard(s)")
+
+
+@main.command("inspect")
+@click.argument("path", type=click.Path(file_okay=False))
+@reports_errors
+def inspect_command(path: str) -> None:
+    """Print a checkpoint's architecture, layers, dtypes and parameter count."""
+    from surgeon.api import inspect_checkpoint
+
+    summary = inspect_checkpoint(path)
+    click.echo(f"architecture: {summary.architecture} (model_type {summary.checkpoint.config.get('model_type')})")
+    click.echo(f"layers: {summary.num_layers}")
+    click.echo(f"shards: {len(summary.checkpoint.shards)}")
+    click.echo(f"parameters: {summary.parameters:,}")
+    click.echo("dtypes: " + ", ".join(f"{dtype} {count:,}" for dtype, count in sorted(summary.dtypes.items())))
+    click.echo(f"tensor data: {_humanize(summary.total_size)}")
+    click.echo("tensors per layer:")
+    for suffix in summary.layer_tensors:
+        info = summary.checkpoint.tensors[f"{_layer_zero_prefix(summary)}{suffix}"]
+        click.echo(f"  {suffix}  {info.dtype} {list(info.shape)}")
+    click.echo("other tensors:")
+    for name in summary.global_tensors:
+        info = summary.checkpoint.tensors[name]
+        click.echo(f"  {name}  {info.dtype} {list(info.shape)}")
+
+
+def _layer_zero_prefix(summary) -> str:
+    from surgeon.architectures import detect_architecture
+
+    return detect_architecture(summary.checkpoint.config, "").layer_prefix.format(0)
+
+
+@main.command("recipes")
+def recipes_command() -> None:
+    """List the recipes shipped with surgeon, one line each."""
+    from surgeon.recipe.catalog import shipped_recipes
+
+    for path, description in shipped_recipes():
+        click.echo(f"{path.stem:<20} {description}")
+
+
+from surgeon.train.commands import eval_command, plot_command, train_command  # noqa: E402
+
+main.add_command(train_command)
+main.add_command(eval_command)
+main.add_command(plot_command)

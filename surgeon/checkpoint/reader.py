@@ -1,0 +1,212 @@
+"""Open a Hugging Face checkpoint folder: config, index and every shard header.
+
+Only headers are read here. Tensor bytes are read later, by byte range, by the
+writer, through `Checkpoint.read`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from surgeon.checkpoint.header import ShardHeader, TensorInfo, read_header
+from surgeon.errors import CheckpointError, ConfigError, PickleWeightsError, ShardIndexError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+SINGLE_SHARD_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class Checkpoint:
+    """A validated input checkpoint: its config and where every tensor's bytes are."""
+
+    folder: Path
+    config: dict
+    config_bytes: bytes
+    shards: list[ShardHeader]
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    _descriptors: dict[Path, int] = field(default_factory=dict, repr=False)
+
+    def fingerprint(self) -> str:
+        """Hash of config.json and every shard's name, size and header."""
+        digest = hashlib.sha256(self.config_bytes)
+        for shard in self.shards:
+            digest.update(shard.path.name.encode())
+            digest.update(shard.fingerprint().encode())
+        return digest.hexdigest()
+
+    def parameter_count(self) -> int:
+        return sum(info.numel for info in self.tensors.values())
+
+    def descriptor(self, shard: Path) -> int:
+        """Return a read-only file descriptor for a shard, opened once per run."""
+        if shard not in self._descriptors:
+            self._descriptors[shard] = os.open(shard, os.O_RDONLY)
+        return self._descriptors[shard]
+
+    def read(self, info: TensorInfo, start: int, length: int) -> bytes:
+        """Read `length` bytes starting `start` bytes into a tensor's data."""
+        data = os.pread(self.descriptor(info.shard), length, info.offset + start)
+        if len(data) != length:
+            raise CheckpointError(
+                f"short read: expected {length} bytes, got {len(data)}",
+                path=info.shard,
+                tensor=info.name,
+                fix="the shard changed or was truncated while surgeon ran; check the input",
+            )
+        return data
+
+    def close(self) -> None:
+        for descriptor in self._descriptors.values():
+            os.close(descriptor)
+        self._descriptors.clear()
+
+
+def open_checkpoint(folder: str | Path) -> Checkpoint:
+    """Validate the folder's config, index and shard headers and return the checkpoint."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError("input folder not found", path=folder, fix="pass a folder that contains config.json and *.safetensors")
+
+    config_bytes, config = _read_config(folder)
+    shard_paths, weight_map, declared_total = _find_shards(folder)
+    shards = [read_header(path) for path in shard_paths]
+
+    checkpoint = Checkpoint(folder=folder, config=config, config_bytes=config_bytes, shards=shards)
+    _collect_tensors(checkpoint, weight_map, declared_total)
+    logger.debug("opened %s: %d shards, %d tensors", folder, len(shards), len(checkpoint.tensors))
+    return checkpoint
+
+
+def _read_config(folder: Path) -> tuple[bytes, dict]:
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError("config.json not found", path=folder, fix="copy the model's config.json into the folder")
+    config_bytes = path.read_bytes()
+    try:
+        config = json.loads(config_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"config.json is not valid JSON ({error})", path=path, fix="repair or re-download config.json") from error
+    if not isinstance(config, dict):
+        raise ConfigError("config.json is not a JSON object", path=path, fix="repair or re-download config.json")
+    return config_bytes, config
+
+
+def _find_shards(folder: Path) -> tuple[list[Path], dict[str, str] | None, int | None]:
+    """Return the shard paths, the index's weight map and its declared total size."""
+    index_path = folder / INDEX_NAME
+    if index_path.is_file():
+        return _read_index(folder, index_path)
+
+    single = folder / SINGLE_SHARD_NAME
+    if single.is_file():
+        return [single], None, None
+
+    others = sorted(p.name for p in folder.glob("*.safetensors"))
+    if others:
+        raise ShardIndexError(
+            f"found {', '.join(others)} but neither {SINGLE_SHARD_NAME} nor {INDEX_NAME}",
+            path=folder,
+            fix=f"add the {INDEX_NAME} that came with these shards, or rename a single shard to {SINGLE_SHARD_NAME}",
+        )
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise PickleWeightsError(
+            f"only pickled weights found ({', '.join(pickled)}); surgeon never unpickles files because loading them can run arbitrary code",
+            path=folder,
+            fix="convert them to safetensors in a sandbox you trust, e.g. "
+            "transformers.AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder), then pass new_folder",
+        )
+    raise CheckpointError("no safetensors weights found", path=folder, fix=f"the folder needs {SINGLE_SHARD_NAME} or {INDEX_NAME} with its shards")
+
+
+def _read_index(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, str], int | None]:
+    try:
+        index = json.loads(index_path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ShardIndexError(f"index is not valid JSON ({error})", path=index_path, fix="repair or re-download the index") from error
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise ShardIndexError("index has no weight_map of tensor names to shard file names", path=index_path, fix="repair or re-download the index")
+
+    metadata = index.get("metadata") or {}
+    declared_total = metadata.get("total_size") if isinstance(metadata, dict) else None
+    if declared_total is not None and (type(declared_total) is not int or declared_total < 0):
+        raise ShardIndexError(f"metadata.total_size {declared_total!r} is not a non-negative integer", path=index_path, field="metadata.total_size", fix="repair the index")
+
+    root = folder.resolve()
+    shard_paths: list[Path] = []
+    for shard_name in dict.fromkeys(weight_map.values()):
+        shard_paths.append(_resolve_shard(folder, root, shard_name, index_path))
+    return shard_paths, weight_map, declared_total
+
+
+def _resolve_shard(folder: Path, root: Path, shard_name: str, index_path: Path) -> Path:
+    """Resolve a shard name from the index, rejecting any that would leave the folder."""
+    if os.path.isabs(shard_name) or ".." in Path(shard_name).parts or "\\" in shard_name:
+        raise ShardIndexError(
+            f"shard name {shard_name!r} must be a plain file name inside the folder",
+            path=index_path,
+            value=shard_name,
+            fix="edit the index so every shard is a relative name without '..'",
+        )
+    path = folder / shard_name
+    if not path.is_file():
+        raise ShardIndexError(f"shard {shard_name} listed in the index is missing", path=index_path, value=shard_name, fix="download the missing shard")
+    if not path.resolve().is_relative_to(root):
+        raise ShardIndexError(
+            f"shard {shard_name} resolves through a symlink to {path.resolve()}, outside the input folder",
+            path=index_path,
+            value=shard_name,
+            fix="copy the shard into the folder instead of linking outside it",
+        )
+    return path
+
+
+def _collect_tensors(checkpoint: Checkpoint, weight_map: dict[str, str] | None, declared_total: int | None) -> None:
+    for shard in checkpoint.shards:
+        for name, info in shard.tensors.items():
+            if name in checkpoint.tensors:
+                raise ShardIndexError(
+                    f"tensor appears in both {checkpoint.tensors[name].shard.name} and {shard.path.name}",
+                    path=checkpoint.folder,
+                    tensor=name,
+                    fix="remove the duplicate shard or re-export the checkpoint",
+                )
+            if weight_map is not None and weight_map.get(name) != shard.path.name:
+                listed = weight_map.get(name)
+                raise ShardIndexError(
+                    f"tensor is in {shard.path.name} but the index lists it " + (f"in {listed}" if listed else "nowhere"),
+                    path=checkpoint.folder / INDEX_NAME,
+                    tensor=name,
+                    fix="regenerate the index from the shards",
+                )
+            checkpoint.tensors[name] = info
+
+    if weight_map is not None:
+        for name, shard_name in weight_map.items():
+            if name not in checkpoint.tensors:
+                raise ShardIndexError(
+                    f"index lists the tensor in {shard_name}, but that shard does not contain it",
+                    path=checkpoint.folder / INDEX_NAME,
+                    tensor=name,
+                    fix="regenerate the index from the shards, or download the right shard",
+                )
+
+    actual_total = sum(info.nbytes for info in checkpoint.tensors.values())
+    if declared_total is not None and declared_total != actual_total:
+        raise ShardIndexError(
+            f"metadata.total_size is {declared_total} but the shards hold {actual_total} bytes of tensors",
+            path=checkpoint.folder / INDEX_NAME,
+            field="metadata.total_size",
+            value=declared_total,
+            fix=f"set metadata.total_size to {actual_total} or regenerate the index",
+        )

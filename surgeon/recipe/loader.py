@@ -1,0 +1,167 @@
+"""Load a recipe file: YAML with line numbers, schema validation, step parsing.
+
+Every error names the recipe file, the YAML line, the field path (such as
+`steps[0].tli.every`) and, where the field takes a fixed set of values, the
+valid choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from surgeon.errors import RecipeError
+from surgeon.recipe.schema import STEP_MODELS, Recipe
+
+
+@dataclass
+class LoadedRecipe:
+    """A validated recipe with its parsed steps and the exact text it came from."""
+
+    recipe: Recipe
+    steps: list[tuple[str, BaseModel]]
+    text: str
+    path: str
+    source_format: str = "surgeon"
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name or Path(self.path).stem
+
+
+def _line_map(text: str) -> dict[tuple, int]:
+    """Map each YAML path (keys and list indices) to its 1-based line."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = key_node.value
+                lines[path + (key,)] = key_node.start_mark.line + 1
+                walk(value_node, path + (key,))
+                lines[path + (key,)] = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                walk(item, path + (index,))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _format_path(path: tuple) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _nearest_line(lines: dict[tuple, int], path: tuple) -> int | None:
+    while path and path not in lines:
+        path = path[:-1]
+    return lines.get(path)
+
+
+def _raise_validation_error(error: ValidationError, prefix: tuple, lines: dict[tuple, int], path: str, model: type[BaseModel]) -> None:
+    errors = error.errors()
+    # An unknown field usually explains a missing one (a typo), so report it first.
+    first = next((item for item in errors if item["type"] == "extra_forbidden"), errors[0])
+    location = prefix + tuple(first["loc"])
+    choices = None
+    if first["type"] == "literal_error":
+        choices = [str(choice) for choice in first["ctx"]["expected"].replace("'", "").split(" or ")]
+        choices = [c.strip() for part in choices for c in part.split(",") if c.strip()]
+    elif first["type"] == "extra_forbidden":
+        parent = model
+        for part in first["loc"][:-1]:
+            field_info = getattr(parent, "model_fields", {}).get(part)
+            annotation = getattr(field_info, "annotation", None)
+            parent = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else parent
+        choices = list(getattr(parent, "model_fields", {}))
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = f"unknown field {first['loc'][-1]!r}"
+    raise RecipeError(
+        message,
+        path=path,
+        line=_nearest_line(lines, location),
+        field=_format_path(location),
+        value=first.get("input"),
+        choices=choices,
+    ) from None
+
+
+def parse_recipe(text: str, path: str = "<recipe>") -> LoadedRecipe:
+    """Parse recipe text; mergekit configs are translated into a surgeon recipe first."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        raise RecipeError(
+            f"invalid YAML: {getattr(error, 'problem', error)}",
+            path=path,
+            line=mark.line + 1 if mark else None,
+            fix="fix the YAML syntax at that line",
+        ) from error
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe must be a YAML mapping", path=path, fix="start the file with `version: 1` and a `steps:` list")
+
+    if "merge_method" in data or ("slices" in data and "version" not in data):
+        from surgeon.recipe.mergekit import translate_mergekit
+
+        return translate_mergekit(data, text, path)
+
+    lines = _line_map(text)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as error:
+        _raise_validation_error(error, (), lines, path, Recipe)
+
+    steps = []
+    for index, step in enumerate(recipe.steps):
+        if len(step) != 1:
+            raise RecipeError(
+                f"a step must have exactly one key naming its kind, found {sorted(step)}",
+                path=path,
+                line=_nearest_line(lines, ("steps", index)),
+                field=f"steps[{index}]",
+                choices=list(STEP_MODELS),
+            )
+        ((kind, options),) = step.items()
+        if kind not in STEP_MODELS:
+            raise RecipeError(
+                f"unknown step kind {kind!r}",
+                path=path,
+                line=_nearest_line(lines, ("steps", index, kind)),
+                field=f"steps[{index}]",
+                value=kind,
+                choices=list(STEP_MODELS),
+            )
+        model = STEP_MODELS[kind]
+        try:
+            steps.append((kind, model.model_validate(options if options is not None else {})))
+        except ValidationError as error:
+            _raise_validation_error(error, ("steps", index, kind), lines, path, model)
+    return LoadedRecipe(recipe=recipe, steps=steps, text=text, path=path)
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    """Read and validate the recipe file at `path`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError("recipe file not found", path=path, fix="check the path, or run `surgeon recipes` to list the shipped ones") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipeError(f"cannot read recipe: {error}", path=path, fix="pass a UTF-8 YAML file") from error
+    return parse_recipe(text, str(path))

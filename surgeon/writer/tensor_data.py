@@ -1,0 +1,92 @@
+"""Move tensor data into an open shard file: byte-range copies, zeros and computed chunks.
+
+Memory stays bounded: copies go through the kernel (copy_file_range) or a fixed
+buffer, zeros come from one shared buffer, and computed tensors are produced in
+blocks of rows of at most COMPUTE_CHUNK_BYTES.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Callable
+
+from surgeon.dtypes import encode
+from surgeon.plan.expressions import ByteRange, TensorExpr
+
+COPY_BUFFER_BYTES = 8 * 2**20
+COMPUTE_CHUNK_BYTES = 16 * 2**20
+_ZERO_BUFFER = bytes(COPY_BUFFER_BYTES)
+_KERNEL_COPY_UNAVAILABLE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+
+Progress = Callable[[int], None]
+
+
+def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def copy_range(source: ByteRange, fd: int, offset: int, progress: Progress) -> None:
+    """Copy an input byte range to `offset` in the output, in the kernel where possible."""
+    source_fd = source.checkpoint.descriptor(source.info.shard)
+    read_at = source.info.offset + source.start
+    remaining = source.length
+    kernel_copy = hasattr(os, "copy_file_range")
+
+    while remaining:
+        step = min(remaining, 1 << 30)
+        copied = 0
+        if kernel_copy:
+            try:
+                copied = os.copy_file_range(source_fd, fd, step, read_at, offset)
+            except OSError as error:
+                if error.errno not in _KERNEL_COPY_UNAVAILABLE:
+                    raise
+                kernel_copy = False
+        if not kernel_copy:
+            data = os.pread(source_fd, min(step, COPY_BUFFER_BYTES), read_at)
+            _write_all(fd, data, offset)
+            copied = len(data)
+        if copied == 0:
+            raise EOFError(f"{source.info.shard}: unexpected end of file reading tensor {source.info.name}")
+        read_at += copied
+        offset += copied
+        remaining -= copied
+        progress(copied)
+
+
+def write_zeros(length: int, fd: int, offset: int, progress: Progress) -> None:
+    """Write `length` zero bytes as real data (not a hole), so the disk space is claimed now."""
+    while length:
+        step = min(length, COPY_BUFFER_BYTES)
+        _write_all(fd, memoryview(_ZERO_BUFFER)[:step], offset)
+        offset += step
+        length -= step
+        progress(step)
+
+
+def write_computed(expr: TensorExpr, fd: int, offset: int, progress: Progress) -> None:
+    """Compute a tensor block by block of leading-dimension rows and write each block."""
+    row_bytes = max(1, expr.row_elements * 4)
+    rows_per_chunk = max(1, COMPUTE_CHUNK_BYTES // row_bytes)
+    for start in range(0, expr.rows if expr.numel else 0, rows_per_chunk):
+        stop = min(start + rows_per_chunk, expr.rows)
+        data = encode(expr.read_rows(start, stop), expr.dtype)
+        _write_all(fd, data, offset)
+        offset += len(data)
+        progress(len(data))
+
+
+def write_tensor(expr: TensorExpr, fd: int, offset: int, progress: Progress) -> None:
+    """Write one planned tensor's data at `offset`, by the cheapest route its expression allows."""
+    source = expr.byte_range()
+    if source is not None:
+        copy_range(source, fd, offset, progress)
+    elif expr.is_zeros():
+        write_zeros(expr.nbytes, fd, offset, progress)
+    else:
+        write_computed(expr, fd, offset, progress)
