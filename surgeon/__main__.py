@@ -1,0 +1,5 @@
+"""Allow `python -m surgeon`."""
+
+from surgeon.cli import main
+
+main()
