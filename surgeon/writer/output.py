@@ -40,7 +40,7 @@ WRITTEN_NAMES = {CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, MODEL_CARD_NAME}
 
 @dataclass
 class WriteOptions:
-    """How `write_output` treats an existing target, a partial folder, free space and progress."""
+    """Options for `write_output`: replacing a target, resuming a partial folder, the space check and progress."""
 
     force: bool = False
     resume: bool = False
