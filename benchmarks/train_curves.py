@@ -5,7 +5,8 @@ folders with a tokenizer work (the tests' tiny checkpoints too). Each run trains
 the same number of steps on licence texts from /usr/share/common-licenses and
 evaluates on other licence texts held out from training. Writes:
 
-- OUT/RUN_NAME/: the run folder of each checkpoint (metrics.jsonl, final/),
+- OUT/RUN_NAME/: the run folder of each checkpoint (metrics.jsonl, final/; its
+  checkpoint-STEP folders are deleted unless --keep-checkpoints is given),
 - OUT/train_curves.md: a table of loss at step 0 and at the end of each run,
 - OUT/train_curves.png: the loss curves of all runs in one plot.
 
@@ -38,8 +39,10 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--eval-max-windows", type=int, default=32, help="held-out windows per evaluation")
     parser.add_argument("--train", default="all", help="what trains in every run: all, new or a pattern, as in surgeon train --train")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoint-STEP folders (weights plus optimizer state)")
     return parser.parse_args()
 
 
@@ -87,7 +90,8 @@ def markdown_table(rows: list[dict[str, object]], arguments: argparse.Namespace)
         "",
         f"{arguments.steps} steps of {arguments.batch_size} windows × {arguments.seq_len} tokens, "
         f"lr {arguments.lr:g} (warmup {arguments.warmup_steps}, cosine to 10 %), --train {arguments.train}, seed {arguments.seed}.",
-        f"Training text: {', '.join(TRAIN_FILES)}; held-out text: {', '.join(HELD_OUT_FILES)} (from {LICENSES}).",
+        f"Training text: {', '.join(TRAIN_FILES)}; held-out text: the first {arguments.eval_max_windows} windows of "
+        f"{', '.join(HELD_OUT_FILES)} (from {LICENSES}).",
         f"Measured with torch {torch.__version__} on {platform.machine()} with {os.cpu_count()} CPU threads"
         f"{' and CUDA' if torch.cuda.is_available() else ''}.",
         "Step-0 eval loss is measured before the first update; loss is mean cross-entropy in nats per token.",
@@ -130,6 +134,7 @@ def main() -> None:
             lr=arguments.lr,
             warmup_steps=arguments.warmup_steps,
             eval_every=arguments.eval_every,
+            eval_max_windows=arguments.eval_max_windows,
             seed=arguments.seed,
         )
 
@@ -138,6 +143,9 @@ def main() -> None:
         seconds = time.perf_counter() - started
         rows.append(summarise_run(name, checkpoint, run_folder, seconds, result.trainable_parameters))
         run_folders.append(run_folder)
+        if not arguments.keep_checkpoints:
+            for checkpoint_folder in run_folder.glob("checkpoint-*"):
+                shutil.rmtree(checkpoint_folder)
 
     table_path = arguments.out / "train_curves.md"
     table_path.write_text(markdown_table(rows, arguments), encoding="utf-8")

@@ -38,6 +38,7 @@ from surgeon.train.trainer import (  # noqa: E402
     select_trainable_parameters,
     train,
 )
+from tests.models import TINY_ARCHITECTURES, build_tiny  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LICENSES = Path("/usr/share/common-licenses")
@@ -236,7 +237,7 @@ def test_batch_windows_splits_on_length_change() -> None:
     assert [tuple(batch.shape) for batch in batches] == [(2, 4), (1, 3)]
 
 
-def test_micro_batches_same_global_batch_for_any_world_size() -> None:
+def test_micro_batch_world_size_invariant() -> None:
     packed = train_data.PackedWindows(torch.arange(40).view(20, 2), seed=3)
     layouts = {
         "1 process, batch 4": train_data.BatchLayout(per_process_batch=4, world_size=1, grad_accum=1),
@@ -424,6 +425,25 @@ def test_train_new_with_gradient_checkpointing_and_bf16(injected_llama_dir: Path
     assert torch.equal(after["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
 
 
+@pytest.mark.parametrize("architecture", sorted(TINY_ARCHITECTURES))
+def test_train_new_on_each_architecture(architecture: str, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    checkpoint = build_tiny(architecture, tmp_path / architecture, vocab_size=512)
+    for tokenizer_file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(tiny_llama_dir / tokenizer_file, checkpoint / tokenizer_file)
+    layers = [{"index": index, "new": index == 2} for index in range(6)]
+    (checkpoint / "surgeon.json").write_text(json.dumps({"layers": layers}), encoding="utf-8")
+
+    result = train(TrainConfig(checkpoint=checkpoint, data=[TRAIN_TEXT], out=tmp_path / "run", train=["new"], **{**TINY_RUN, "steps": 2}))
+
+    before = load_file(checkpoint / "model.safetensors")
+    after = load_file(result.final_dir / "model.safetensors")
+    changed = sorted(name for name in before if not torch.equal(after[name], before[name]))
+    assert changed
+    assert all(name.startswith("model.layers.2.") for name in changed), changed
+
+
 def test_train_final_loads_with_transformers(uninterrupted_run: Path) -> None:
     model = transformers.AutoModelForCausalLM.from_pretrained(uninterrupted_run / "final")
     tokenizer = transformers.AutoTokenizer.from_pretrained(uninterrupted_run / "final")
@@ -482,7 +502,7 @@ def test_train_resume_with_changed_lr_raises(tiny_llama_dir: Path, tmp_path: Pat
 
 
 def test_train_existing_run_without_resume_raises(uninterrupted_run: Path, tiny_llama_dir: Path) -> None:
-    with pytest.raises(TrainingError, match="already holds a run"):
+    with pytest.raises(TrainingError, match="already contains a run"):
         train(TrainConfig(checkpoint=tiny_llama_dir, data=[TRAIN_TEXT], out=uninterrupted_run, **TINY_RUN))
 
 

@@ -48,6 +48,7 @@ def _configure_logging() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder for checkpoint-STEP/, final/ and metrics.jsonl.")
 @click.option("--eval-data", multiple=True, type=existing_file, help="Held-out text or JSONL file; repeat for several.")
 @click.option("--eval-every", default=0, show_default=True, help="Evaluate on --eval-data every N steps (0: only at step 0 and the last step).")
+@click.option("--eval-max-windows", type=int, default=None, help="Evaluate on only the first N windows of --eval-data.")
 @click.option(
     "--train",
     "train_selectors",
@@ -70,7 +71,7 @@ def _configure_logging() -> None:
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False, show_default=True, help="Recompute activations in the backward pass to save memory.")
 @click.option("--fsdp", is_flag=True, help="Shard parameters, gradients and optimizer state with FSDP2 (launch with torchrun).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True, help="auto: bf16 autocast on CUDA with bf16 support, fp32 elsewhere.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True, help="Compute precision. auto uses bf16 autocast on CUDA devices with bf16 support and fp32 elsewhere.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest safetensors shard written, such as 500MB or 2GB.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint-STEP.")
 @click.option("--stop-after", type=int, default=None, help="Save and stop after this step, keeping the schedule of --steps; continue later with --resume.")
@@ -102,7 +103,7 @@ def train_command(checkpoint: Path, train_selectors: tuple[str, ...], **options:
 @click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass.")
 @click.option("--max-windows", type=int, default=None, help="Evaluate only the first N windows.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True, help="Dtype the weights are loaded in; auto: bf16 on CUDA with bf16 support, fp32 elsewhere.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True, help="Dtype for loading the weights. auto uses bf16 on CUDA devices with bf16 support and fp32 elsewhere.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def eval_command(checkpoint: Path, data: tuple[Path, ...], as_json: bool, **options: Any) -> None:
     """Report mean token loss, perplexity and tokens per second of CHECKPOINT on text files.

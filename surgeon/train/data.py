@@ -139,7 +139,7 @@ def fingerprint_windows(windows: torch.Tensor) -> str:
 
 @dataclass(frozen=True)
 class BatchLayout:
-    """How one optimizer step's global batch of windows is split into micro-batches and processes."""
+    """Split of one optimizer step's global batch of windows into micro-batches and processes."""
 
     per_process_batch: int
     world_size: int

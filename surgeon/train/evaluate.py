@@ -1,6 +1,6 @@
 """Held-out loss, perplexity and throughput of a causal language model.
 
-Also holds the device, precision and loading helpers that training shares.
+Also contains the device, precision and loading helpers that training shares.
 """
 
 from __future__ import annotations

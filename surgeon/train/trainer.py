@@ -75,6 +75,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     eval_every: int = 0
     eval_batch_size: int | None = None
+    eval_max_windows: int | None = None
     save_every: int = 0
     seed: int = 0
     gradient_checkpointing: bool = False
@@ -126,7 +127,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a finished (or stopped) run left behind."""
+    """Outcome of a finished or stopped run: the last step, its losses and the folders written."""
 
     out: Path
     step: int
@@ -456,7 +457,7 @@ def gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
 def tied_parameter_aliases(module: torch.nn.Module) -> set[str]:
     """Return the second and later names of parameters shared under several names, such as a tied `lm_head.weight`.
 
-    A gathered full state dict holds separate copies of tied tensors, so
+    A gathered full state dict contains separate copies of tied tensors, so
     `save_pretrained` cannot detect the tie by identity and would write both.
     """
     seen_ids: set[int] = set()
@@ -537,7 +538,10 @@ class TrainingRun:
                 self.layout.global_batch,
             )
 
-        self.eval_windows = load_eval_windows(self.tokenizer, config.eval_data, config.seq_len) if config.eval_data else []
+        self.eval_windows = []
+        if config.eval_data:
+            self.eval_windows = load_eval_windows(self.tokenizer, config.eval_data, config.seq_len, config.eval_max_windows)
+            logger.info("held-out data: %d windows of up to %d tokens", len(self.eval_windows), config.seq_len)
 
     def _check_out_folder(self) -> Path | None:
         """Return the checkpoint to resume from, or None for a fresh run in an unused folder."""
@@ -550,7 +554,7 @@ class TrainingRun:
 
         if latest is not None or (config.out / METRICS_NAME).exists():
             raise TrainingError(
-                "the output folder already holds a run",
+                "the output folder already contains a run",
                 path=config.out,
                 fix="pass --resume to continue it, or choose another --out",
             )
@@ -639,8 +643,9 @@ class TrainingRun:
         self.config.out.mkdir(parents=True, exist_ok=True)
         metrics_path = self.config.out / METRICS_NAME
         if resumed and metrics_path.is_file():
-            kept = [line for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
-            metrics_path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+            lines = metrics_path.read_text(encoding="utf-8").splitlines()
+            kept_lines = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
+            metrics_path.write_text("".join(f"{line}\n" for line in kept_lines), encoding="utf-8")
 
         run_config = self.config.to_json_dict()
         run_config["world_size"] = self.group.world_size
