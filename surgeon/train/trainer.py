@@ -291,6 +291,7 @@ def start_process_group(requested_device: str) -> ProcessGroup:
     device = choose_device(requested_device, local_rank)
 
     if world_size > 1 and not dist.is_initialized():
+        # NOTE: the tests run only the gloo/CPU branch; the NCCL branch has not been run on a GPU yet.
         if device.type == "cuda":
             torch.cuda.set_device(device)
             dist.init_process_group("nccl", device_id=device)
@@ -326,6 +327,7 @@ def wrap_model(model: torch.nn.Module, config: TrainConfig, group: ProcessGroup,
         mesh = init_device_mesh(group.device.type, (group.world_size,))
         mixed_precision = MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32)
         # fully_shard moves each shard to the mesh device, so the full model never sits on one accelerator.
+        # NOTE: every process still loads the full float32 model into CPU memory before sharding it.
         for layer in model.get_submodule("model.layers"):
             fully_shard(layer, mesh=mesh, mp_policy=mixed_precision)
         fully_shard(model, mesh=mesh, mp_policy=mixed_precision)
