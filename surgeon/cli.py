@@ -109,6 +109,23 @@ def plan_command(recipe: str, input_path: str | None, max_shard_size: str) -> No
     click.echo(f"output size: {_humanize(plan.output_bytes)} in {len(plan.shards)} shard(s)")
 
 
+@main.command("validate")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("input_path", metavar="[IN]", required=False)
+@reports_errors
+def validate_command(recipe: str, input_path: str | None) -> None:
+    """Check RECIPE against the schema and, given IN, against that checkpoint's headers."""
+    from surgeon.api import plan_recipe
+    from surgeon.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    if input_path is None:
+        click.echo(f"{recipe}: valid recipe with {len(loaded.steps)} step(s)")
+        return
+    plan = plan_recipe(loaded, input_path)
+    click.echo(f"{recipe}: valid for {input_path}, output has {len(plan.layout.layers)} layers")
+
+
 @main.command("inspect")
 @click.argument("path", type=click.Path(file_okay=False))
 @reports_errors

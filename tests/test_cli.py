@@ -175,3 +175,9 @@ def test_apply_invalid_recipe_is_rejected(recipe_text, fragment, tiny_models, tm
     assert result.returncode == 1
     assert fragment in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_validate_checks_recipe_against_checkpoint(smollm2_dir):
+    result = run_surgeon("validate", "recipes/tli_k8.yaml", str(smollm2_dir))
+    assert result.returncode == 0, result.stderr
+    assert "output has 33 layers" in result.stdout

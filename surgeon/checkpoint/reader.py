@@ -49,7 +49,9 @@ class Checkpoint:
     def descriptor(self, shard: Path) -> int:
         """Return a read-only file descriptor for a shard, opened once per run."""
         if shard not in self._descriptors:
-            self._descriptors[shard] = os.open(shard, os.O_RDONLY)
+            descriptor = os.open(shard, os.O_RDONLY)
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            self._descriptors[shard] = descriptor
         return self._descriptors[shard]
 
     def read(self, info: TensorInfo, start: int, length: int) -> bytes:
