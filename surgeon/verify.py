@@ -34,7 +34,7 @@ _REBUILD_FIX = "rebuild the output with `surgeon apply`"
 
 @dataclass
 class VerifyReport:
-    """What `verify_output` checked."""
+    """Counts of the shards, tensors and tensor bytes that `verify_output` checked."""
 
     shards: int
     tensors: int

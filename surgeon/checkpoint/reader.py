@@ -22,7 +22,7 @@ CONFIG_NAME = "config.json"
 SINGLE_SHARD_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# config.json and the index are small; a larger file is not a real one and is not read into memory.
+# config.json and the index are small, so a larger file is not genuine and is never read into memory.
 MAX_JSON_FILE_BYTES = 100_000_000
 
 
