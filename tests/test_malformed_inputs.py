@@ -211,6 +211,7 @@ CASES = [
     Case("tensor_in_two_shards", duplicate_across_shards, ShardIndexError, "appears in both"),
     Case("index_total_size_wrong", edit_json(INDEX_NAME, lambda index: index["metadata"].__setitem__("total_size", 12345)), ShardIndexError, "metadata.total_size is 12345"),
     Case("index_not_json", lambda folder, scratch: (folder / INDEX_NAME).write_text("{not json"), ShardIndexError, "index is not valid JSON"),
+    Case("index_metadata_not_object", edit_json(INDEX_NAME, lambda index: index.__setitem__("metadata", [1])), ShardIndexError, "index metadata is not a JSON object"),
     Case("index_without_weight_map", edit_json(INDEX_NAME, lambda index: index.pop("weight_map")), ShardIndexError, "no weight_map"),
     Case("shards_without_index", remove(INDEX_NAME), ShardIndexError, "neither model.safetensors nor"),
     # config.json.

@@ -169,8 +169,10 @@ def _read_index(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, s
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise ShardIndexError("index has no weight_map of tensor names to shard file names", path=index_path, fix="repair or re-download the index")
 
-    metadata = index.get("metadata") or {}
-    declared_total = metadata.get("total_size") if isinstance(metadata, dict) else None
+    metadata = index.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ShardIndexError("index metadata is not a JSON object", path=index_path, field="metadata", value=metadata, fix="repair the index")
+    declared_total = (metadata or {}).get("total_size")
     if declared_total is not None and (type(declared_total) is not int or declared_total < 0):
         raise ShardIndexError(f"metadata.total_size {declared_total!r} is not a non-negative integer", path=index_path, field="metadata.total_size", fix="repair the index")
 
