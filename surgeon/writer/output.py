@@ -75,11 +75,17 @@ def write_output(plan: Plan, output: str | Path, options: WriteOptions | None = 
     extra_bytes = sum(len(data) for data in metadata_files.values()) + sum(path.stat().st_size for path in side_files)
 
     with interrupts_raise(partial) as guard:
+        created = not partial.exists()
         finished = _prepare_partial(plan, partial, options.resume, folder_mode)
         remaining = [shard for shard in plan.shards if shard.file_name not in finished]
         needed = sum(shard.size for shard in remaining) + extra_bytes
         if options.check_space:
-            check_free_space(partial, needed)
+            try:
+                check_free_space(output.parent, needed)
+            except DiskFullError:
+                if created:
+                    partial.rmdir()
+                raise
 
         plan_fingerprint = plan.fingerprint()
         with tqdm(total=needed - extra_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", disable=not options.progress) as bar:
