@@ -22,7 +22,10 @@ def _humanize(size: int) -> str:
 
 
 def reports_errors(command):
-    """Print a SurgeonError as one line and exit 1; with --debug, show the traceback too."""
+    """Print a SurgeonError or an OSError as one line and exit non-zero; with --debug, show the traceback too.
+
+    The exit status is 1, or 128 + the signal number for a run stopped by SIGINT or SIGTERM.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -32,6 +35,12 @@ def reports_errors(command):
             if click.get_current_context().find_root().params.get("debug"):
                 raise
             click.echo(f"error: {error}", err=True)
+            sys.exit(getattr(error, "exit_code", 1))
+        except OSError as error:
+            if click.get_current_context().find_root().params.get("debug"):
+                raise
+            where = f"{error.filename}: " if error.filename else ""
+            click.echo(f"error: {where}{error.strerror or error}. Fix: check the path and its permissions, or rerun with --debug", err=True)
             sys.exit(1)
 
     return wrapper
@@ -154,6 +163,19 @@ def _layer_zero_prefix(summary) -> str:
     from surgeon.architectures import detect_architecture
 
     return detect_architecture(summary.checkpoint.config, "").layer_prefix.format(0)
+
+
+@main.command("verify")
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--deep", is_flag=True, help="Also compare every tensor's bytes with the recipe applied to the recorded inputs (reads all of them).")
+@reports_errors
+def verify_command(output: str, deep: bool) -> None:
+    """Recheck the finished output OUTPUT against its surgeon.json manifest."""
+    from surgeon.verify import verify_output
+
+    report = verify_output(output, deep=deep)
+    compared = f", {_humanize(report.compared_bytes)} of tensor data compared with the inputs" if deep else ""
+    click.echo(f"verified {output}: {report.shards} shard(s), {report.tensors} tensors{compared}")
 
 
 @main.command("recipes")

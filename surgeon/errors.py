@@ -104,6 +104,19 @@ class DiskFullError(OutputError):
         super().__init__(message, **kwargs)
 
 
+class RunInterruptedError(OutputError):
+    """SIGINT or SIGTERM stopped a run; the partial output keeps every finished shard."""
+
+    def __init__(self, message: str, *, signal_number: int, **kwargs: Any) -> None:
+        self.signal_number = signal_number
+        super().__init__(message, **kwargs)
+
+    @property
+    def exit_code(self) -> int:
+        """The shell convention for a process ended by a signal: 128 + the signal number."""
+        return 128 + self.signal_number
+
+
 class ResumeError(OutputError):
     """A partial output cannot be resumed with this recipe and these inputs."""
 

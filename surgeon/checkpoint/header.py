@@ -124,7 +124,8 @@ def _parse_json(header_bytes: bytes, path: Path) -> dict:
     except HeaderError as error:
         error.path = str(path)
         raise HeaderError(error.message, path=path, tensor=error.tensor, fix=error.fix) from None
-    except (json.JSONDecodeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:
+        # ValueError covers JSONDecodeError and integers longer than Python's 4300-digit conversion limit.
         raise HeaderError(f"header is not valid JSON ({error})", path=path, fix="the shard is corrupt; re-export it") from error
     if not isinstance(entries, dict):
         raise HeaderError("header JSON is not an object", path=path, fix="the file is not a safetensors shard")

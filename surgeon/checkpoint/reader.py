@@ -22,6 +22,8 @@ CONFIG_NAME = "config.json"
 SINGLE_SHARD_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# config.json and the index are small, so a larger file is not genuine and is never read into memory.
+MAX_JSON_FILE_BYTES = 100_000_000
 
 
 @dataclass
@@ -92,14 +94,43 @@ def _read_config(folder: Path) -> tuple[bytes, dict]:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise ConfigError("config.json not found", path=folder, fix="copy the model's config.json into the folder")
-    config_bytes = path.read_bytes()
+    config_bytes = _read_small_file(path, ConfigError)
     try:
         config = json.loads(config_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (ValueError, RecursionError) as error:
         raise ConfigError(f"config.json is not valid JSON ({error})", path=path, fix="repair or re-download config.json") from error
     if not isinstance(config, dict):
         raise ConfigError("config.json is not a JSON object", path=path, fix="repair or re-download config.json")
     return config_bytes, config
+
+
+def _read_small_file(path: Path, error_type: type[CheckpointError]) -> bytes:
+    """Read a JSON side file, rejecting one too large to be genuine before reading it."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_FILE_BYTES:
+            raise error_type(
+                f"file is {size:,} bytes, over the {MAX_JSON_FILE_BYTES:,}-byte limit for {path.name}",
+                path=path,
+                value=size,
+                fix=f"replace {path.name} with the one that came with the model",
+            )
+        return path.read_bytes()
+    except OSError as error:
+        raise error_type(f"cannot read file: {error.strerror}", path=path, fix="check the file exists and is readable") from error
+
+
+def _allowed_roots(folder: Path) -> list[Path]:
+    """Return the folders a shard may resolve into: the input folder, plus the Hub cache's blobs.
+
+    A Hugging Face Hub cache snapshot (`models--org--name/snapshots/<revision>`)
+    links every file to `../../blobs/<hash>`, so that blobs folder is allowed too.
+    """
+    root = folder.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots":
+        roots.append(root.parent.parent / "blobs")
+    return roots
 
 
 def _find_shards(folder: Path) -> tuple[list[Path], dict[str, str] | None, int | None]:
@@ -110,6 +141,7 @@ def _find_shards(folder: Path) -> tuple[list[Path], dict[str, str] | None, int |
 
     single = folder / SINGLE_SHARD_NAME
     if single.is_file():
+        _check_inside_folder(single, _allowed_roots(folder), SINGLE_SHARD_NAME, folder)
         return [single], None, None
 
     others = sorted(p.name for p in folder.glob("*.safetensors"))
@@ -132,28 +164,34 @@ def _find_shards(folder: Path) -> tuple[list[Path], dict[str, str] | None, int |
 
 def _read_index(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, str], int | None]:
     try:
-        index = json.loads(index_path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        index = json.loads(_read_small_file(index_path, ShardIndexError))
+    except (ValueError, RecursionError) as error:
         raise ShardIndexError(f"index is not valid JSON ({error})", path=index_path, fix="repair or re-download the index") from error
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise ShardIndexError("index has no weight_map of tensor names to shard file names", path=index_path, fix="repair or re-download the index")
 
-    metadata = index.get("metadata") or {}
-    declared_total = metadata.get("total_size") if isinstance(metadata, dict) else None
+    metadata = index.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ShardIndexError("index metadata is not a JSON object", path=index_path, field="metadata", value=metadata, fix="repair the index")
+    declared_total = (metadata or {}).get("total_size")
     if declared_total is not None and (type(declared_total) is not int or declared_total < 0):
         raise ShardIndexError(f"metadata.total_size {declared_total!r} is not a non-negative integer", path=index_path, field="metadata.total_size", fix="repair the index")
 
-    root = folder.resolve()
+    roots = _allowed_roots(folder)
     shard_paths: list[Path] = []
     for shard_name in dict.fromkeys(weight_map.values()):
-        shard_paths.append(_resolve_shard(folder, root, shard_name, index_path))
+        shard_paths.append(_resolve_shard(folder, roots, shard_name, index_path))
+
+    unlisted = sorted(p.name for p in folder.glob("*.safetensors") if p not in shard_paths)
+    if unlisted:
+        logger.warning("%s: ignoring %s, which the index does not list", folder, ", ".join(unlisted))
     return shard_paths, weight_map, declared_total
 
 
-def _resolve_shard(folder: Path, root: Path, shard_name: str, index_path: Path) -> Path:
+def _resolve_shard(folder: Path, roots: list[Path], shard_name: str, index_path: Path) -> Path:
     """Resolve a shard name from the index, rejecting any that would leave the folder."""
-    if os.path.isabs(shard_name) or ".." in Path(shard_name).parts or "\\" in shard_name:
+    if os.path.isabs(shard_name) or ".." in Path(shard_name).parts or "\\" in shard_name or "\0" in shard_name:
         raise ShardIndexError(
             f"shard name {shard_name!r} must be a plain file name inside the folder",
             path=index_path,
@@ -163,14 +201,19 @@ def _resolve_shard(folder: Path, root: Path, shard_name: str, index_path: Path) 
     path = folder / shard_name
     if not path.is_file():
         raise ShardIndexError(f"shard {shard_name} listed in the index is missing", path=index_path, value=shard_name, fix="download the missing shard")
-    if not path.resolve().is_relative_to(root):
+    _check_inside_folder(path, roots, shard_name, index_path)
+    return path
+
+
+def _check_inside_folder(path: Path, roots: list[Path], shard_name: str, error_path: Path) -> None:
+    target = path.resolve()
+    if not any(target.is_relative_to(root) for root in roots):
         raise ShardIndexError(
-            f"shard {shard_name} resolves through a symlink to {path.resolve()}, outside the input folder",
-            path=index_path,
+            f"shard {shard_name} resolves through a symlink to {target}, outside the input folder",
+            path=error_path,
             value=shard_name,
             fix="copy the shard into the folder instead of linking outside it",
         )
-    return path
 
 
 def _collect_tensors(checkpoint: Checkpoint, weight_map: dict[str, str] | None, declared_total: int | None) -> None:

@@ -14,16 +14,17 @@ import logging
 import os
 import shutil
 import stat
-from concurrent.futures import Future, ThreadPoolExecutor
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from surgeon.checkpoint import Checkpoint, open_checkpoint
+from surgeon.checkpoint import Checkpoint, open_checkpoint, read_header
 from surgeon.checkpoint.reader import CONFIG_NAME, INDEX_NAME, PICKLE_SUFFIXES
-from surgeon.errors import DiskFullError, OutputError, ResumeError
+from surgeon.errors import DiskFullError, HeaderError, OutputError, ResumeError
 from surgeon.plan import Plan, PlannedShard
+from surgeon.writer.interrupt import interrupts_raise
 from surgeon.writer.model_card import render_model_card
 from surgeon.writer.tensor_data import write_tensor
 
@@ -36,11 +37,14 @@ PARTIAL_SUFFIX = ".surgeon-partial"
 # Files never copied from the input: weights in other formats, and files surgeon writes itself.
 SKIPPED_SUFFIXES = PICKLE_SUFFIXES + (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", ".ot")
 WRITTEN_NAMES = {CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, MODEL_CARD_NAME}
+# Seconds to sleep after each tensor, read from the environment. Tests set it so
+# that a signal lands in the middle of a run; it is not meant for users.
+THROTTLE_ENV = "SURGEON_TEST_THROTTLE"
 
 
 @dataclass
 class WriteOptions:
-    """Options for `write_output`: replacing a target, resuming a partial folder, the space check and progress."""
+    """How `write_output` treats an existing target, a partial folder, free space and progress."""
 
     force: bool = False
     resume: bool = False
@@ -54,7 +58,11 @@ def partial_folder(output: Path) -> Path:
 
 
 def write_output(plan: Plan, output: str | Path, options: WriteOptions | None = None) -> Path:
-    """Write every shard, the index, config, manifest, model card and copied files; return the folder."""
+    """Write every shard, the index, config, manifest, model card and copied files; return the folder.
+
+    SIGINT and SIGTERM raise RunInterruptedError, and a full disk raises
+    DiskFullError. Both leave the partial folder resumable with `resume=True`.
+    """
     options = options or WriteOptions()
     output = Path(output).absolute()
     check_output_location(output, plan.inputs, options.force)
@@ -62,56 +70,62 @@ def write_output(plan: Plan, output: str | Path, options: WriteOptions | None = 
     base = plan.inputs[plan.base_model]
     file_mode = stat.S_IMODE((base.folder / CONFIG_NAME).stat().st_mode) & 0o666
     folder_mode = stat.S_IMODE(base.folder.stat().st_mode)
+    metadata_files = render_metadata_files(plan, options.base_model_ids)
+    side_files = list_side_files(plan.inputs[plan.tokenizer_model].folder)
+    extra_bytes = sum(len(data) for data in metadata_files.values()) + sum(path.stat().st_size for path in side_files)
 
-    finished = _prepare_partial(plan, partial, options.resume, folder_mode)
-    remaining = [shard for shard in plan.shards if shard.file_name not in finished]
-    if options.check_space:
-        check_free_space(partial, sum(shard.size for shard in remaining), options.resume)
+    with interrupts_raise(partial) as guard:
+        created = not partial.exists()
+        finished = _prepare_partial(plan, partial, options.resume, folder_mode)
+        remaining = [shard for shard in plan.shards if shard.file_name not in finished]
+        needed = sum(shard.size for shard in remaining) + extra_bytes
+        if options.check_space:
+            try:
+                check_free_space(output.parent, needed)
+            except DiskFullError:
+                if created:
+                    partial.rmdir()
+                raise
 
-    total = sum(shard.size for shard in remaining)
-    fingerprint = plan.fingerprint()
+        plan_fingerprint = plan.fingerprint()
+        with tqdm(total=needed - extra_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", disable=not options.progress) as bar:
+            for shard in remaining:
+                _write_shard(shard, partial, file_mode, bar.update, needed)
+                needed -= shard.size
+                finished.add(shard.file_name)
+                journal = {"plan": plan_fingerprint, "finished": sorted(finished)}
+                _guard_disk_full(lambda: _write_json(partial / JOURNAL_NAME, journal, file_mode), partial, needed)
 
-    def record_finished(shard: PlannedShard) -> None:
-        finished.add(shard.file_name)
-        _write_json(partial / JOURNAL_NAME, {"plan": fingerprint, "finished": sorted(finished)}, file_mode)
-
-    # One worker flushes each written shard to disk while the main thread fills the next one.
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", disable=not options.progress) as bar, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="surgeon-fsync") as flusher:
-        pending: list[Future] = []
-        for shard in remaining:
-            fd = _write_shard_data(shard, partial, file_mode, bar.update)
-            pending.append(flusher.submit(_finish_shard, shard, fd, partial, record_finished))
-        for future in pending:
-            future.result()
-
-    _write_metadata_files(plan, partial, file_mode, options.base_model_ids)
-    _check_inputs_unchanged(plan)
-    (partial / JOURNAL_NAME).unlink()
-    _fsync_folder(partial)
-    _move_into_place(partial, output)
+        _guard_disk_full(lambda: _write_metadata_files(metadata_files, side_files, partial, file_mode), partial, needed)
+        _check_inputs_unchanged(plan)
+        guard.finish_uninterrupted()
+        (partial / JOURNAL_NAME).unlink()
+        _fsync_folder(partial)
+        _move_into_place(partial, output)
     logger.info("wrote %s (%d shards, %d bytes)", output, len(plan.shards), plan.output_bytes)
     return output
 
 
 def check_output_location(output: Path, inputs: dict[str, Checkpoint], force: bool) -> None:
     """Reject an output that overlaps an input, or a non-empty one unless `force`."""
-    resolved = output.resolve()
-    for checkpoint in inputs.values():
-        source = checkpoint.folder.resolve()
-        if resolved == source or resolved.is_relative_to(source) or source.is_relative_to(resolved):
-            raise OutputError(
-                f"output folder overlaps the input folder {checkpoint.folder}",
-                path=output,
-                fix="choose an output folder outside the input folder, and not one that contains it",
-            )
+    for written in (output, partial_folder(output)):
+        resolved = written.resolve()
+        for checkpoint in inputs.values():
+            source = checkpoint.folder.resolve()
+            if resolved == source or resolved.is_relative_to(source) or source.is_relative_to(resolved):
+                raise OutputError(
+                    f"output folder {written} overlaps the input folder {checkpoint.folder}",
+                    path=output,
+                    fix="choose an output folder outside the input folder, and not one that contains it",
+                )
     if output.exists() and not output.is_dir():
         raise OutputError("output path exists and is not a folder", path=output, fix="choose another output path")
     if output.is_dir() and any(output.iterdir()) and not force:
         raise OutputError("output folder exists and is not empty", path=output, fix="pass --force to replace it, or choose another folder")
 
 
-def check_free_space(folder: Path, needed: int, resume: bool) -> None:
+def check_free_space(folder: Path, needed: int) -> None:
+    """Reject a run whose remaining output (`needed` bytes) does not fit in the free space at `folder`."""
     free = shutil.disk_usage(folder).free
     if needed > free:
         raise DiskFullError(
@@ -132,18 +146,26 @@ def _prepare_partial(plan: Plan, partial: Path, resume: bool, folder_mode: int) 
             fix=f"pass --resume to finish it, or delete {partial} to start over",
         )
     if not partial.exists():
-        partial.mkdir(mode=0o700)
-        os.chmod(partial, folder_mode)
+        try:
+            partial.mkdir(mode=0o700)
+            os.chmod(partial, folder_mode)
+        except OSError as error:
+            raise OutputError(
+                f"cannot create the partial output folder: {error.strerror}",
+                path=partial,
+                fix=f"make {partial.parent} writable, or choose another output folder",
+            ) from error
         return set()
 
-    journal_path = partial / JOURNAL_NAME
-    journal = json.loads(journal_path.read_text()) if journal_path.is_file() else {"plan": plan.fingerprint(), "finished": []}
+    journal = _read_journal(plan, partial)
     if journal.get("plan") != plan.fingerprint():
         raise ResumeError(
             "the partial output was written by a different recipe, input or shard size",
             path=partial,
             fix=f"rerun with the original recipe and inputs, or delete {partial} to start over",
         )
+    for leftover in partial.glob("*.tmp"):
+        leftover.unlink()
     finished = set()
     for shard in plan.shards:
         path = partial / shard.file_name
@@ -155,53 +177,97 @@ def _prepare_partial(plan: Plan, partial: Path, resume: bool, folder_mode: int) 
     return finished
 
 
-def _write_shard_data(shard: PlannedShard, partial: Path, file_mode: int, progress) -> int:
-    """Write one shard's header and data to its `.tmp` file; return the open descriptor."""
-    temporary = partial / (shard.file_name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, file_mode)
+def _read_journal(plan: Plan, partial: Path) -> dict:
+    """Return the journal; a run killed before its first shard finished has none, which means nothing is finished."""
+    journal_path = partial / JOURNAL_NAME
+    if not journal_path.is_file():
+        return {"plan": plan.fingerprint(), "finished": []}
     try:
-        _guard_disk_full(lambda: _fill_shard(shard, fd, progress), partial, shard.size)
-        os.fchmod(fd, file_mode)
+        journal = json.loads(journal_path.read_bytes())
+    except ValueError as error:
+        raise ResumeError(
+            f"the journal is not valid JSON ({error})",
+            path=journal_path,
+            fix=f"delete {partial} and run again without --resume",
+        ) from error
+    if not isinstance(journal, dict) or not isinstance(journal.get("finished", []), list):
+        raise ResumeError("the journal is not a surgeon journal", path=journal_path, fix=f"delete {partial} and run again without --resume")
+    return journal
+
+
+def _write_shard(shard: PlannedShard, partial: Path, file_mode: int, progress, needed: int) -> None:
+    """Write one shard to a `.tmp` file, flush and check it, then rename it to its final name.
+
+    On any failure the `.tmp` file is removed, so a full disk gets its space back
+    and the partial folder holds only finished shards.
+    """
+    target = partial / shard.file_name
+    temporary = target.with_name(target.name + ".tmp")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, file_mode)
+        try:
+            _guard_disk_full(lambda: _fill_shard(shard, fd, progress), partial, needed)
+            os.fchmod(fd, file_mode)
+        finally:
+            os.close(fd)
+        check_written_shard(temporary, shard)
+        os.replace(temporary, target)
     except BaseException:
-        os.close(fd)
+        temporary.unlink(missing_ok=True)
         raise
-    return fd
 
 
-def _finish_shard(shard: PlannedShard, fd: int, partial: Path, record_finished) -> None:
-    """Flush a written shard, rename it to its final name, and record it in the journal."""
+def check_written_shard(path: Path, shard: PlannedShard) -> None:
+    """Re-read a written shard's header and size and compare them with the plan."""
     try:
-        _guard_disk_full(lambda: os.fsync(fd), partial, shard.size)
-    finally:
-        os.close(fd)
-    os.replace(partial / (shard.file_name + ".tmp"), partial / shard.file_name)
-    record_finished(shard)
+        written = read_header(path)
+    except HeaderError as error:
+        raise OutputError(f"shard {shard.file_name} is invalid after writing: {error.message}", path=path, fix="check the disk, then rerun with --resume") from error
+    if written.file_size != shard.size:
+        raise OutputError(
+            f"shard {shard.file_name} is {written.file_size} bytes after writing, planned {shard.size}",
+            path=path,
+            fix="check the disk, then rerun with --resume",
+        )
+    if 8 + len(written.header_bytes) != len(shard.header) or written.header_bytes != shard.header[8:]:
+        raise OutputError(f"shard {shard.file_name} header differs from the planned header after writing", path=path, fix="check the disk, then rerun with --resume")
 
 
 def _fill_shard(shard: PlannedShard, fd: int, progress) -> None:
+    throttle = float(os.environ.get(THROTTLE_ENV) or 0)
     os.pwrite(fd, shard.header, 0)
     offset = len(shard.header)
     for tensor in shard.tensors:
         write_tensor(tensor.expr, fd, offset, progress)
         offset += tensor.expr.nbytes
+        if throttle:
+            time.sleep(throttle)
+    os.fsync(fd)
 
 
 def _guard_disk_full(action, partial: Path, needed: int) -> None:
+    """Run `action`, turning ENOSPC or EDQUOT into a DiskFullError that states the `needed` bytes."""
     try:
         action()
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(partial).free
             raise DiskFullError(
-                f"disk full while writing: this shard needs {needed:,} bytes",
+                f"disk full while writing: the rest of the output needs {needed:,} bytes and {free:,} bytes are free",
                 path=partial,
                 needed_bytes=needed,
-                fix=f"free space and rerun with --resume (finished shards are kept), or delete {partial}",
+                free_bytes=free,
+                fix=f"free at least {needed:,} bytes and rerun with --resume (finished shards are kept), or delete {partial}",
             ) from error
         raise
 
 
+def _json_bytes(data: object) -> bytes:
+    return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
+
+
 def _write_json(path: Path, data: object, file_mode: int) -> None:
-    _write_bytes(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode(), file_mode)
+    _write_bytes(path, _json_bytes(data), file_mode)
 
 
 def _write_bytes(path: Path, data: bytes, file_mode: int) -> None:
@@ -217,21 +283,29 @@ def _write_bytes(path: Path, data: bytes, file_mode: int) -> None:
     os.replace(temporary, path)
 
 
-def _write_metadata_files(plan: Plan, partial: Path, file_mode: int, base_model_ids: list[str] | None) -> None:
-    def write_all() -> None:
-        weight_map = {tensor.name: shard.file_name for shard in plan.shards for tensor in shard.tensors}
-        _write_json(partial / INDEX_NAME, {"metadata": {"total_size": plan.total_size}, "weight_map": weight_map}, file_mode)
-        _write_json(partial / CONFIG_NAME, plan.config, file_mode)
-        _write_json(partial / MANIFEST_NAME, plan.manifest(), file_mode)
-        _write_bytes(partial / MODEL_CARD_NAME, render_model_card(plan, base_model_ids).encode(), file_mode)
-        copy_side_files(plan.inputs[plan.tokenizer_model].folder, partial)
+def render_metadata_files(plan: Plan, base_model_ids: list[str] | None) -> dict[str, bytes]:
+    """Return the index, config.json, surgeon.json and README.md contents, by file name."""
+    weight_map = {tensor.name: shard.file_name for shard in plan.shards for tensor in shard.tensors}
+    documents = {
+        INDEX_NAME: {"metadata": {"total_size": plan.total_size}, "weight_map": weight_map},
+        CONFIG_NAME: plan.config,
+        MANIFEST_NAME: plan.manifest(),
+    }
+    files = {name: _json_bytes(data) for name, data in documents.items()}
+    files[MODEL_CARD_NAME] = render_model_card(plan, base_model_ids).encode()
+    return files
 
-    _guard_disk_full(write_all, partial, 0)
+
+def _write_metadata_files(files: dict[str, bytes], side_files: list[Path], partial: Path, file_mode: int) -> None:
+    for name, data in files.items():
+        _write_bytes(partial / name, data, file_mode)
+    for path in side_files:
+        _copy_side_file(path, partial)
 
 
-def copy_side_files(source: Path, destination: Path) -> list[str]:
-    """Copy every top-level non-weight file (tokenizer, chat template, generation config) byte for byte."""
-    copied = []
+def list_side_files(source: Path) -> list[Path]:
+    """Return every top-level non-weight file (tokenizer, chat template, generation config) to copy byte for byte."""
+    side_files = []
     for path in sorted(source.iterdir()):
         name = path.name
         if name.startswith(".") or name in WRITTEN_NAMES or path.suffix in SKIPPED_SUFFIXES:
@@ -239,10 +313,21 @@ def copy_side_files(source: Path, destination: Path) -> list[str]:
         if not path.is_file():
             logger.info("not copying %s: only top-level files are copied", path)
             continue
-        shutil.copyfile(path, destination / name)
-        os.chmod(destination / name, stat.S_IMODE(path.stat().st_mode))
-        copied.append(name)
-    return copied
+        side_files.append(path)
+    return side_files
+
+
+def copy_side_files(source: Path, destination: Path) -> list[str]:
+    """Copy every top-level non-weight file byte for byte; return their names."""
+    side_files = list_side_files(source)
+    for path in side_files:
+        _copy_side_file(path, destination)
+    return [path.name for path in side_files]
+
+
+def _copy_side_file(path: Path, destination: Path) -> None:
+    shutil.copyfile(path, destination / path.name)
+    os.chmod(destination / path.name, stat.S_IMODE(path.stat().st_mode))
 
 
 def _check_inputs_unchanged(plan: Plan) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 from surgeon.dtypes import encode
 from surgeon.plan.expressions import ByteRange, TensorExpr
@@ -69,16 +69,35 @@ def write_zeros(length: int, fd: int, offset: int, progress: Progress) -> None:
         progress(step)
 
 
-def write_computed(expr: TensorExpr, fd: int, offset: int, progress: Progress) -> None:
-    """Compute a tensor block by block of leading-dimension rows and write each block."""
+def computed_chunks(expr: TensorExpr) -> Iterator[bytes]:
+    """Compute a tensor block by block of leading-dimension rows and return each block's encoded bytes."""
     row_bytes = max(1, expr.row_elements * 4)
     rows_per_chunk = max(1, COMPUTE_CHUNK_BYTES // row_bytes)
     for start in range(0, expr.rows if expr.numel else 0, rows_per_chunk):
         stop = min(start + rows_per_chunk, expr.rows)
-        data = encode(expr.read_rows(start, stop), expr.dtype)
+        yield encode(expr.read_rows(start, stop), expr.dtype)
+
+
+def write_computed(expr: TensorExpr, fd: int, offset: int, progress: Progress) -> None:
+    """Compute a tensor block by block of leading-dimension rows and write each block."""
+    for data in computed_chunks(expr):
         _write_all(fd, data, offset)
         offset += len(data)
         progress(len(data))
+
+
+def expected_chunks(expr: TensorExpr) -> Iterator[bytes]:
+    """Return a tensor's data in blocks, by the same route `write_tensor` takes, for checking a written copy."""
+    source = expr.byte_range()
+    if source is not None:
+        for start in range(0, source.length, COPY_BUFFER_BYTES):
+            length = min(COPY_BUFFER_BYTES, source.length - start)
+            yield source.checkpoint.read(source.info, source.start + start, length)
+    elif expr.is_zeros():
+        for start in range(0, expr.nbytes, COPY_BUFFER_BYTES):
+            yield _ZERO_BUFFER[: min(COPY_BUFFER_BYTES, expr.nbytes - start)]
+    else:
+        yield from computed_chunks(expr)
 
 
 def write_tensor(expr: TensorExpr, fd: int, offset: int, progress: Progress) -> None:

@@ -1,0 +1,208 @@
+"""Recheck a finished output folder against the `surgeon.json` manifest written with it.
+
+The quick check reads only headers: every shard's size and header hash against
+the manifest, the index against the shards, and config.json's layer fields
+against the tensors. The deep check also compares every tensor's bytes. It
+recompiles the recorded recipe against the recorded inputs, whose fingerprints
+must still match, and regenerates each tensor as the writer did. That keeps
+hashing off the write path, at the price of needing the inputs at verify time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from surgeon.architectures import detect_architecture, split_layers
+from surgeon.checkpoint import Checkpoint, open_checkpoint
+from surgeon.checkpoint.reader import CONFIG_NAME
+from surgeon.errors import SurgeonError, VerifyError
+from surgeon.plan import compile_plan
+from surgeon.recipe import parse_recipe
+from surgeon.writer import MANIFEST_NAME
+from surgeon.writer.tensor_data import expected_chunks
+
+logger = logging.getLogger(__name__)
+
+# One shard holding everything, so the recompiled plan names every tensor whatever the original shard size.
+_SINGLE_SHARD_SIZE = 2**62
+_REBUILD_FIX = "rebuild the output with `surgeon apply`"
+
+
+@dataclass
+class VerifyReport:
+    """Counts of the shards, tensors and tensor bytes that `verify_output` checked."""
+
+    shards: int
+    tensors: int
+    compared_bytes: int
+
+
+def verify_output(folder: str | Path, deep: bool = False) -> VerifyReport:
+    """Check a finished output against its manifest; with `deep`, compare every tensor's bytes too."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    output = _open_output(folder)
+    try:
+        _check_shards(output, manifest)
+        _check_layers(output, manifest)
+        compared = _compare_tensor_bytes(output, manifest) if deep else 0
+    finally:
+        output.close()
+    return VerifyReport(shards=len(output.shards), tensors=len(output.tensors), compared_bytes=compared)
+
+
+def read_manifest(folder: Path) -> dict:
+    """Return the parsed `surgeon.json` of an output folder."""
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise VerifyError(f"{MANIFEST_NAME} not found", path=folder, fix="pass a folder written by `surgeon apply`")
+    try:
+        manifest = json.loads(path.read_bytes())
+    except ValueError as error:
+        raise VerifyError(f"{MANIFEST_NAME} is not valid JSON ({error})", path=path, fix=_REBUILD_FIX) from error
+    shards = manifest.get("output", {}).get("shards") if isinstance(manifest, dict) and isinstance(manifest.get("output"), dict) else None
+    if not isinstance(shards, list) or not all(isinstance(entry, dict) for entry in shards):
+        raise VerifyError("manifest has no output.shards list", path=path, field="output.shards", fix=_REBUILD_FIX)
+    return manifest
+
+
+def _open_output(folder: Path) -> Checkpoint:
+    """Open the output with the input validation: headers, index, total_size."""
+    try:
+        return open_checkpoint(folder)
+    except SurgeonError as error:
+        raise VerifyError(
+            f"output is invalid: {error.message}", path=error.path or folder, tensor=error.tensor, field=error.field, fix=_REBUILD_FIX
+        ) from error
+
+
+def _check_shards(output: Checkpoint, manifest: dict) -> None:
+    manifest_path = output.folder / MANIFEST_NAME
+    recorded = {entry.get("file"): entry for entry in manifest["output"]["shards"]}
+    present = {shard.path.name: shard for shard in output.shards}
+    if set(recorded) != set(present):
+        missing = sorted(set(recorded) - set(present), key=str)
+        extra = sorted(set(present) - set(recorded))
+        raise VerifyError(
+            f"shards differ from the manifest: missing {missing}, not in the manifest {extra}",
+            path=output.folder,
+            field="output.shards",
+            fix=_REBUILD_FIX,
+        )
+
+    for name, shard in present.items():
+        entry = recorded[name]
+        if shard.file_size != entry.get("size"):
+            raise VerifyError(
+                f"shard {name} is {shard.file_size} bytes, the manifest records {entry.get('size')}",
+                path=shard.path,
+                fix=_REBUILD_FIX,
+            )
+        header = len(shard.header_bytes).to_bytes(8, "little") + shard.header_bytes
+        if hashlib.sha256(header).hexdigest() != entry.get("header_sha256"):
+            raise VerifyError(f"shard {name} header hash differs from the manifest", path=shard.path, fix=_REBUILD_FIX)
+
+    total = sum(info.nbytes for info in output.tensors.values())
+    if total != manifest["output"].get("total_size"):
+        raise VerifyError(
+            f"tensors hold {total} bytes, the manifest records {manifest['output'].get('total_size')}",
+            path=manifest_path,
+            field="output.total_size",
+            fix=_REBUILD_FIX,
+        )
+
+
+def _check_layers(output: Checkpoint, manifest: dict) -> None:
+    """Check config.json's layer count and per-layer fields against the tensors and the manifest."""
+    config_path = str(output.folder / CONFIG_NAME)
+    layer_prefix = None
+    if str(manifest["output"].get("architecture", "")).startswith("custom:"):
+        override = parse_recipe(manifest["recipe"]["text"], str(output.folder / MANIFEST_NAME)).recipe.architecture
+        layer_prefix = override.layer_prefix if override else None
+    arch = detect_architecture(output.config, config_path, layer_prefix)
+    try:
+        table = split_layers(arch, list(output.tensors), output.config, str(output.folder))
+    except SurgeonError as error:
+        raise VerifyError(f"output is invalid: {error.message}", path=error.path, field=error.field, tensor=error.tensor, fix=_REBUILD_FIX) from error
+    if len(table.layers) != manifest["output"].get("num_layers"):
+        raise VerifyError(
+            f"the tensors have {len(table.layers)} layers, the manifest records {manifest['output'].get('num_layers')}",
+            path=output.folder / MANIFEST_NAME,
+            field="output.num_layers",
+            fix=_REBUILD_FIX,
+        )
+
+
+def _open_recorded_inputs(manifest: dict, manifest_path: Path) -> dict[str, Checkpoint]:
+    """Open every input the manifest names and require its fingerprint to be unchanged."""
+    inputs = {}
+    for key, entry in manifest.get("inputs", {}).items():
+        try:
+            checkpoint = open_checkpoint(entry["path"])
+        except SurgeonError as error:
+            raise VerifyError(
+                f"input {key!r} cannot be opened for the deep check: {error.message}",
+                path=entry["path"],
+                fix="restore the input at that path, or verify without --deep",
+            ) from error
+        if checkpoint.fingerprint() != entry.get("fingerprint"):
+            raise VerifyError(
+                f"input {key!r} changed since the output was written, so its bytes cannot be compared",
+                path=entry["path"],
+                field=f"inputs.{key}.fingerprint",
+                fix="restore the original input, or verify without --deep",
+            )
+        inputs[key] = checkpoint
+    if not inputs:
+        raise VerifyError("manifest names no inputs", path=manifest_path, field="inputs", fix=_REBUILD_FIX)
+    return inputs
+
+
+def _compare_tensor_bytes(output: Checkpoint, manifest: dict) -> int:
+    """Regenerate every tensor from the recorded recipe and inputs and compare it with the output; return bytes compared."""
+    manifest_path = output.folder / MANIFEST_NAME
+    inputs = _open_recorded_inputs(manifest, manifest_path)
+    try:
+        recipe = parse_recipe(manifest["recipe"]["text"], str(manifest_path))
+        plan = compile_plan(recipe, inputs, base_model=manifest["base_model"], max_shard_size=_SINGLE_SHARD_SIZE)
+        expected = {tensor.name: tensor.expr for tensor in plan.tensors}
+        if set(expected) != set(output.tensors):
+            missing = sorted(set(expected) - set(output.tensors))
+            extra = sorted(set(output.tensors) - set(expected))
+            raise VerifyError(f"tensors differ from the recipe: missing {missing[:5]}, unexpected {extra[:5]}", path=output.folder, fix=_REBUILD_FIX)
+
+        compared = 0
+        for name, info in output.tensors.items():
+            compared += _compare_tensor(output, info, expected[name])
+        return compared
+    finally:
+        for checkpoint in inputs.values():
+            checkpoint.close()
+
+
+def _compare_tensor(output: Checkpoint, info, expr) -> int:
+    if info.dtype != expr.dtype or info.shape != tuple(expr.shape):
+        raise VerifyError(
+            f"tensor is {info.dtype} {list(info.shape)}, the recipe makes {expr.dtype} {list(expr.shape)}",
+            path=info.shard,
+            tensor=info.name,
+            fix=_REBUILD_FIX,
+        )
+    position = 0
+    for chunk in expected_chunks(expr):
+        written = output.read(info, position, len(chunk))
+        if written != chunk:
+            first = next(index for index, (a, b) in enumerate(zip(written, chunk)) if a != b)
+            raise VerifyError(
+                f"tensor data differs from the recomputed tensor at byte {position + first}",
+                path=info.shard,
+                tensor=info.name,
+                fix=_REBUILD_FIX,
+            )
+        position += len(chunk)
+    logger.debug("tensor %s matches (%d bytes)", info.name, position)
+    return position
