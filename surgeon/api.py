@@ -52,7 +52,7 @@ def apply_recipe(
 
 @dataclass
 class CheckpointSummary:
-    """What `surgeon inspect` reports about a checkpoint."""
+    """Summary of a checkpoint, as `surgeon inspect` prints it."""
 
     checkpoint: Checkpoint
     architecture: str

@@ -43,7 +43,11 @@ def reports_errors(command):
 @click.option("-v", "--verbose", is_flag=True, help="Show info logs.")
 def main(debug: bool, verbose: bool) -> None:
     """Checkpoint surgery for large language models."""
-    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    level = logging.WARNING
+    if verbose:
+        level = logging.INFO
+    if debug:
+        level = logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 

@@ -37,14 +37,15 @@ def read_run_metrics(run: Path) -> list[dict[str, Any]]:
 
 def run_labels(runs: Sequence[Path]) -> list[str]:
     """Label each run by its folder name, adding parent folders until the labels are distinct."""
-    folders = [run.parent if run.is_file() else run for run in runs]
-    folders = [folder.resolve() for folder in folders]
-    depth = 1
+    folders = [(run.parent if run.is_file() else run).resolve() for run in runs]
+    depths = [1] * len(folders)
     while True:
-        labels = ["/".join(folder.parts[-depth:]) for folder in folders]
-        if len(set(labels)) == len(labels) or depth >= max(len(folder.parts) for folder in folders):
+        labels = ["/".join(folder.parts[-depth:]) for folder, depth in zip(folders, depths)]
+        clashing = [index for index, label in enumerate(labels) if labels.count(label) > 1 and depths[index] < len(folders[index].parts)]
+        if not clashing:
             return labels
-        depth += 1
+        for index in clashing:
+            depths[index] += 1
 
 
 def plot_runs(runs: Sequence[Path], out: Path, *, title: str | None = None) -> Path:

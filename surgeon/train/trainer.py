@@ -299,6 +299,20 @@ def start_process_group(requested_device: str) -> ProcessGroup:
     return ProcessGroup(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute each decoder layer in the backward pass, with non-reentrant checkpointing.
+
+    Non-reentrant checkpointing still sends gradients to trainable layers when the
+    layer inputs need none, as with frozen embeddings under `--train new`.
+    transformers 5 renamed the method, so both names are tried.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def wrap_model(model: torch.nn.Module, config: TrainConfig, group: ProcessGroup, autocast_dtype: torch.dtype | None) -> torch.nn.Module:
     """Move the model to its device and wrap it in FSDP2 (`--fsdp`) or DDP (several processes)."""
     if config.fsdp:
@@ -439,6 +453,21 @@ def gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     return model_state, optimizer_state
 
 
+def tied_parameter_aliases(module: torch.nn.Module) -> set[str]:
+    """Return the second and later names of parameters shared under several names, such as a tied `lm_head.weight`.
+
+    A gathered full state dict holds separate copies of tied tensors, so
+    `save_pretrained` cannot detect the tie by identity and would write both.
+    """
+    seen_ids: set[int] = set()
+    aliases = set()
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        if id(parameter) in seen_ids:
+            aliases.add(name)
+        seen_ids.add(id(parameter))
+    return aliases
+
+
 def save_model_folder(
     model: torch.nn.Module,
     state_dict: dict[str, torch.Tensor],
@@ -451,7 +480,12 @@ def save_model_folder(
 ) -> None:
     """Write a Hugging Face checkpoint folder: config, sharded safetensors in `dtype`, tokenizer and surgeon.json."""
     module = unwrap_model(model)
-    state_dict = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in state_dict.items()}
+    tied_names = tied_parameter_aliases(module)
+    state_dict = {
+        name: tensor.to(dtype) if tensor.is_floating_point() else tensor
+        for name, tensor in state_dict.items()
+        if name not in tied_names
+    }
 
     module.config.dtype = dtype
     module.config.use_cache = True
@@ -547,7 +581,7 @@ class TrainingRun:
         model = load_causal_lm(resume_from or config.checkpoint, torch.float32)
         model.config.use_cache = False
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
 
         trainable_names = select_trainable_parameters(model, config.train, config.checkpoint)
         self.trainable_parameters = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)

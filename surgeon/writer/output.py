@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import stat
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ WRITTEN_NAMES = {CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, MODEL_CARD_NAME}
 
 @dataclass
 class WriteOptions:
-    """How `write_output` treats an existing target, a partial folder, free space and progress."""
+    """Options for `write_output`: replacing a target, resuming a partial folder, the space check and progress."""
 
     force: bool = False
     resume: bool = False
@@ -68,11 +69,21 @@ def write_output(plan: Plan, output: str | Path, options: WriteOptions | None = 
         check_free_space(partial, sum(shard.size for shard in remaining), options.resume)
 
     total = sum(shard.size for shard in remaining)
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", disable=not options.progress) as bar:
+    fingerprint = plan.fingerprint()
+
+    def record_finished(shard: PlannedShard) -> None:
+        finished.add(shard.file_name)
+        _write_json(partial / JOURNAL_NAME, {"plan": fingerprint, "finished": sorted(finished)}, file_mode)
+
+    # One worker flushes each written shard to disk while the main thread fills the next one.
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", disable=not options.progress) as bar, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="surgeon-fsync") as flusher:
+        pending: list[Future] = []
         for shard in remaining:
-            _write_shard(shard, partial, file_mode, bar.update)
-            finished.add(shard.file_name)
-            _write_json(partial / JOURNAL_NAME, {"plan": plan.fingerprint(), "finished": sorted(finished)}, file_mode)
+            fd = _write_shard_data(shard, partial, file_mode, bar.update)
+            pending.append(flusher.submit(_finish_shard, shard, fd, partial, record_finished))
+        for future in pending:
+            future.result()
 
     _write_metadata_files(plan, partial, file_mode, options.base_model_ids)
     _check_inputs_unchanged(plan)
@@ -144,17 +155,27 @@ def _prepare_partial(plan: Plan, partial: Path, resume: bool, folder_mode: int) 
     return finished
 
 
-def _write_shard(shard: PlannedShard, partial: Path, file_mode: int, progress) -> None:
-    """Write one shard to a `.tmp` file, flush it, then rename it to its final name."""
-    target = partial / shard.file_name
-    temporary = target.with_name(target.name + ".tmp")
+def _write_shard_data(shard: PlannedShard, partial: Path, file_mode: int, progress) -> int:
+    """Write one shard's header and data to its `.tmp` file; return the open descriptor."""
+    temporary = partial / (shard.file_name + ".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, file_mode)
     try:
         _guard_disk_full(lambda: _fill_shard(shard, fd, progress), partial, shard.size)
         os.fchmod(fd, file_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _finish_shard(shard: PlannedShard, fd: int, partial: Path, record_finished) -> None:
+    """Flush a written shard, rename it to its final name, and record it in the journal."""
+    try:
+        _guard_disk_full(lambda: os.fsync(fd), partial, shard.size)
     finally:
         os.close(fd)
-    os.replace(temporary, target)
+    os.replace(partial / (shard.file_name + ".tmp"), partial / shard.file_name)
+    record_finished(shard)
 
 
 def _fill_shard(shard: PlannedShard, fd: int, progress) -> None:
@@ -163,7 +184,6 @@ def _fill_shard(shard: PlannedShard, fd: int, progress) -> None:
     for tensor in shard.tensors:
         write_tensor(tensor.expr, fd, offset, progress)
         offset += tensor.expr.nbytes
-    os.fsync(fd)
 
 
 def _guard_disk_full(action, partial: Path, needed: int) -> None:

@@ -1,0 +1,177 @@
+"""The `surgeon` command line: plan, inspect, apply, recipes and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.checks import folder_digest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_surgeon(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "surgeon", *args], capture_output=True, text=True, cwd=cwd, env=environment)
+
+
+def test_plan_prints_layer_map_and_writes_nothing(smollm2_dir, tmp_path):
+    before = folder_digest(smollm2_dir)
+    result = run_surgeon("plan", "recipes/tli_k4.yaml", str(smollm2_dir))
+    assert result.returncode == 0, result.stderr
+    assert "output: 37 layers" in result.stdout
+    assert result.stdout.count("NEW") == 7
+    assert "134,515,008 parameters" in result.stdout
+    assert folder_digest(smollm2_dir) == before
+
+
+def test_inspect_prints_layers_and_parameters(smollm2_dir):
+    result = run_surgeon("inspect", str(smollm2_dir))
+    assert result.returncode == 0, result.stderr
+    assert "layers: 30" in result.stdout
+    assert "parameters: 134,515,008" in result.stdout
+    assert "self_attn.o_proj.weight  F32 [576, 576]" in result.stdout
+
+
+def test_recipes_lists_shipped_recipes():
+    result = run_surgeon("recipes")
+    assert result.returncode == 0, result.stderr
+    assert "tli_k4" in result.stdout
+    assert "tli_k8" in result.stdout
+
+
+def test_apply_leaves_input_untouched(tiny_models, tmp_path):
+    source = tmp_path / "input"
+    shutil.copytree(tiny_models["llama"], source)
+    before = folder_digest(source)
+    mtimes = {path.name: path.stat().st_mtime_ns for path in source.iterdir()}
+    result = run_surgeon("apply", "recipes/tli_k4.yaml", str(source), str(tmp_path / "out"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert folder_digest(source) == before
+    assert {path.name: path.stat().st_mtime_ns for path in source.iterdir()} == mtimes
+
+
+def test_apply_rejects_non_empty_output_without_force(tiny_models, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("user data")
+    result = run_surgeon("apply", "recipes/tli_k4.yaml", str(tiny_models["llama"]), str(output))
+    assert result.returncode == 1
+    assert "not empty" in result.stderr
+    assert "--force" in result.stderr
+    assert (output / "keep.txt").read_text() == "user data"
+
+
+def test_apply_force_replaces_output(tiny_models, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "stale.txt").write_text("old")
+    result = run_surgeon("apply", "recipes/tli_k4.yaml", str(tiny_models["llama"]), str(output), "--force", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert not (output / "stale.txt").exists()
+    assert json.loads((output / "config.json").read_text())["num_hidden_layers"] == 7
+
+
+def test_apply_leaves_no_partial_folder(tiny_models, tmp_path):
+    result = run_surgeon("apply", "recipes/tli_k4.yaml", str(tiny_models["llama"]), str(tmp_path / "out"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+def test_apply_output_files_take_input_permissions(tiny_models, tmp_path):
+    source = tmp_path / "input"
+    shutil.copytree(tiny_models["llama"], source)
+    os.chmod(source / "model.safetensors", 0o600)
+    os.chmod(source / "config.json", 0o644)
+    result = run_surgeon("apply", "recipes/tli_k4.yaml", str(source), str(tmp_path / "out"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "out").iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_apply_bad_recipe_prints_one_line(tiny_models, tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("version: 1\nsteps:\n  - tli:\n      every: 4\n      copy_from: nearest\n")
+    result = run_surgeon("apply", str(recipe), str(tiny_models["llama"]), str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+    assert f"{recipe}:5" in result.stderr
+    assert "previous, next, mean" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_apply_debug_shows_traceback(tiny_models, tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("version: 1\nsteps:\n  - tli:\n      every: 0\n")
+    result = run_surgeon("--debug", "apply", str(recipe), str(tiny_models["llama"]), str(tmp_path / "out"))
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr
+
+
+def test_apply_unknown_architecture_lists_supported(tiny_models, tmp_path):
+    source = tmp_path / "input"
+    shutil.copytree(tiny_models["llama"], source)
+    config = json.loads((source / "config.json").read_text())
+    config["model_type"] = "falcon"
+    (source / "config.json").write_text(json.dumps(config))
+    result = run_surgeon("apply", "recipes/tli_k4.yaml", str(source), str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "unsupported model_type 'falcon'" in result.stderr
+    assert "qwen3" in result.stderr
+    assert "layer_prefix" in result.stderr
+
+
+def test_apply_custom_layer_prefix_runs_unknown_architecture(tiny_models, tmp_path):
+    source = tmp_path / "input"
+    shutil.copytree(tiny_models["llama"], source)
+    config = json.loads((source / "config.json").read_text())
+    config["model_type"] = "my_llama"
+    (source / "config.json").write_text(json.dumps(config))
+    recipe = tmp_path / "custom.yaml"
+    recipe.write_text("version: 1\narchitecture:\n  layer_prefix: 'model.layers.{}.'\nsteps:\n  - tli:\n      every: 3\n")
+    result = run_surgeon("apply", str(recipe), str(source), str(tmp_path / "out"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 8
+
+
+def test_apply_writes_manifest_and_model_card(tiny_models, tmp_path):
+    result = run_surgeon("apply", "recipes/tli_k4.yaml", str(tiny_models["llama"]), str(tmp_path / "out"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "out" / "surgeon.json").read_text())
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert manifest["recipe"]["text"] == (REPO / "recipes" / "tli_k4.yaml").read_text()
+    assert [layer["new"] for layer in manifest["layers"]].count(True) == 1
+    assert len(manifest["inputs"]["input"]["fingerprint"]) == 64
+    assert card.startswith("---\n")
+    assert "every: 4" in card
+
+
+@pytest.mark.parametrize(
+    ("recipe_text", "fragment"),
+    [
+        ("version: 1\nsteps:\n  - tli:\n      every: 4\n      zero: [self_attn.out_proj]\n", "match no tensor"),
+        ("version: 1\nsteps:\n  - dance: {}\n", "unknown step kind 'dance'"),
+        ("version: 1\nsteps: []\n", "steps"),
+        ("steps:\n  - tli: {every: 4}\n", "version"),
+        ("version: 1\ndtype: float8\nsteps:\n  - tli: {every: 4}\n", "unknown dtype"),
+        ("version: 1\nsteps:\n  - tli: {every: 4, remainder: drop}\n", "skip, insert"),
+        ("version: 1\nsteps:\n  - tli: {every: -1}\n", "greater than 0"),
+        ("version: 1\nsteps:\n  - tli: {every: 4\n", "invalid YAML"),
+        ("- 1\n- 2\n", "YAML mapping"),
+    ],
+)
+def test_apply_invalid_recipe_is_rejected(recipe_text, fragment, tiny_models, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text)
+    result = run_surgeon("apply", str(recipe), str(tiny_models["llama"]), str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert fragment in result.stderr
+    assert not (tmp_path / "out").exists()
