@@ -1,9 +1,9 @@
 """Router rows from hidden states of prompts, for the `moe` step's `hidden` router init (needs torch).
 
-This follows mergekit-moe's `hidden` gate mode: for each expert, the prompts
-run through the dense model, and the router row at layer L is the mean hidden
-state at the input of layer L (each prompt's mean over its tokens, then the
-mean over that expert's prompts), scaled to unit L2 norm.
+This follows mergekit-moe's `hidden` gate mode. For each expert, the prompts
+run through the dense model. The router row at layer L is the mean hidden
+state at the input of layer L, scaled to unit L2 norm. The mean is over each
+prompt's tokens first, then over that expert's prompts.
 
 Memory is bounded by one decoder layer: the model is built on the meta device,
 and each layer in turn gets its weights read from the layout's expressions,
@@ -86,8 +86,8 @@ def hidden_state_router_rows(
     decoder = model.model
     rotary = type(decoder.rotary_emb)(config=config)
 
-    # NOTE: each prompt runs alone with no mask, so sliding-window layers see the whole prompt;
-    # this matches the model only for prompts shorter than its sliding window.
+    # NOTE: each prompt runs alone with no attention mask, so sliding-window layers see the whole prompt.
+    # The rows match the model only for prompts shorter than its sliding window.
     states = []
     for expert_prompts in prompts:
         for prompt in expert_prompts:
@@ -99,11 +99,11 @@ def hidden_state_router_rows(
     positions = [torch.arange(state.shape[1]).unsqueeze(0) for state in states]
     rotations = [rotary(state, position) for state, position in zip(states, positions)]
 
-    wanted = set(layers)
+    sparse_layers = set(layers)
     means: dict[int, list[torch.Tensor]] = {}
     with torch.no_grad():
         for index in range(max(layers) + 1):
-            if index in wanted:
+            if index in sparse_layers:
                 means[index] = [state[0].double().mean(dim=0) for state in states]
             if index == max(layers):
                 break

@@ -12,7 +12,7 @@ import transformers
 
 from surgeon.api import apply_recipe, plan_recipe
 from surgeon.checkpoint import open_checkpoint
-from surgeon.errors import ArchitectureError, RecipeError
+from surgeon.errors import ArchitectureError, PlanError, RecipeError
 from surgeon.plan.expressions import ColumnSlice, Concatenated, PartialReinit, Precomputed, RowSlice
 from surgeon.recipe.loader import parse_recipe
 from surgeon.writer import WriteOptions
@@ -165,7 +165,7 @@ def test_invalid_options_rejected(options, message):
 
 
 def test_granularity_indivisible_rejected(tiny_models):
-    with pytest.raises(Exception, match="does not divide intermediate_size 128"):
+    with pytest.raises(PlanError, match="does not divide intermediate_size 128"):
         plan_recipe(parse_recipe(moe_recipe(experts=2, experts_per_token=2, granularity=3)), tiny_models["llama"])
 
 

@@ -63,7 +63,7 @@ class TensorExpr(ABC):
         return False
 
     def parts(self) -> list["TensorExpr"] | None:
-        """Return tensors whose data, written one after another, is this tensor's data; None if it is one piece."""
+        """Return tensors whose data, written one after another, is this tensor's data, or None if it is one piece."""
         return None
 
     @abstractmethod
@@ -230,7 +230,7 @@ class Converted(TensorExpr):
 
 
 class ColumnSlice(TensorExpr):
-    """Columns [start, stop) of a 2-D tensor; computed, because the columns are not contiguous bytes."""
+    """Columns [start, stop) of a 2-D tensor, always computed because the columns are not contiguous bytes."""
 
     def __init__(self, source: TensorExpr, start: int, stop: int) -> None:
         if len(source.shape) != 2 or not 0 <= start < stop <= source.shape[1]:

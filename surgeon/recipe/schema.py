@@ -42,14 +42,14 @@ class TLIStep(StrictModel):
 
 
 class RouterInit(StrictModel):
-    """How the `moe` step fills each router (gate) matrix of shape (experts, hidden_size)."""
+    """Router (gate) initialisation for the `moe` step; each router matrix has shape (experts, hidden_size)."""
 
     init: Literal["zeros", "random", "hidden"] = "zeros"
     std: Optional[float] = Field(default=None, gt=0)
     seed: int = 0
     # For `hidden`: one list of prompts per expert, in expert order.
     prompts: Optional[list[list[str]]] = None
-    # For `hidden`: tokenizer folder; by default the folder of the checkpoint that holds the embeddings.
+    # For `hidden`: tokenizer folder. By default, the folder of the checkpoint that contains the embeddings.
     tokenizer: Optional[str] = None
 
     @model_validator(mode="after")

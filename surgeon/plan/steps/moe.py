@@ -2,8 +2,8 @@
 
 Every expert starts as a byte copy of the dense MLP. Mixtral and the Qwen MoE
 classes (with `norm_topk_prob` on) renormalise the top-k router weights to sum
-to 1, so identical experts give the dense MLP's output whatever the router
-says. Options that make the experts differ (noise, Drop-Upcycling,
+to 1, so identical experts give the dense MLP's output whatever values the
+router contains. Options that make the experts differ (noise, Drop-Upcycling,
 fine-grained slices) are described in docs/moe.md with whether they keep the
 model's function.
 """
@@ -229,8 +229,8 @@ def sparse_layer(
         moe_tensors[target.fused_down] = Concatenated([p["down"] for p in experts], (len(experts), hidden_size, width))
 
     if target.shared_expert_projections is not None:
-        # The class always adds a shared expert; it copies the dense gate and up but its zero down
-        # projection makes its output zero, so the routed experts alone carry the dense MLP.
+        # The class always adds a shared expert. It copies the dense gate and up projections, and
+        # its zero down projection makes its output zero, so the routed experts alone carry the dense MLP.
         for role, name in target.shared_expert_projections.items():
             moe_tensors[name] = dense[role] if role != "down" else Zeros(dense["down"].dtype, dense["down"].shape)
         moe_tensors[target.shared_expert_gate] = Zeros(dense["gate"].dtype, (1, hidden_size))
