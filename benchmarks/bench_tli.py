@@ -8,7 +8,12 @@ Prints wall time, peak RSS of the surgeon process and its throughput as a
 ratio to `cp`'s. Repeat counts alternate the two commands so page-cache
 warmth favours neither.
 
+With `--moe-experts`, each run applies the `moe` step instead (top-2, zero
+router, per-expert layout) once per expert count, so the output grows with
+the expert count while the peak RSS should not.
+
 Run: python benchmarks/bench_tli.py --layers 4 8 --workdir /tmp/surgeon-bench
+     python benchmarks/bench_tli.py --layers 2 --moe-experts 2 4 8
 """
 
 from __future__ import annotations
@@ -143,6 +148,24 @@ def benchmark(workdir: Path, num_layers: int, repeats: int, recipe: Path) -> dic
     }
 
 
+def benchmark_moe(args: argparse.Namespace) -> None:
+    """Print one table row per (layer count, expert count) for the moe step."""
+    print("| input layers | experts | input GB | output GB | cp s | surgeon s | surgeon peak RSS MiB | throughput vs cp |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for num_layers in args.layers:
+        for experts in args.moe_experts:
+            recipe = args.workdir / f"moe_{experts}x_top2.yaml"
+            recipe.write_text(f"version: 1\nname: moe-{experts}x-top2\nsteps:\n  - moe: {{experts: {experts}, experts_per_token: 2}}\n")
+            row = benchmark(args.workdir, num_layers, args.repeats, recipe)
+            print(
+                f"| {row['layers']} | {experts} | {row['input_gb']:.2f} | {row['output_gb']:.2f} | {row['cp_s']:.2f} "
+                f"| {row['surgeon_s']:.2f} | {row['peak_rss_mib']} | {row['ratio']:.2f}x |",
+                flush=True,
+            )
+        if not args.keep:
+            shutil.rmtree(args.workdir / f"llama3-{num_layers}l")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8], help="decoder layer counts to benchmark")
@@ -150,9 +173,13 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/surgeon-bench"))
     parser.add_argument("--recipe", type=Path, default=None, help="recipe to apply (default: TLI with K=2)")
     parser.add_argument("--keep", action="store_true", help="keep the generated input checkpoints")
+    parser.add_argument("--moe-experts", type=int, nargs="+", default=None, help="benchmark the moe step (top-2) with these expert counts")
     args = parser.parse_args()
 
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.moe_experts:
+        benchmark_moe(args)
+        return
     recipe = args.recipe
     if recipe is None:
         recipe = args.workdir / "tli_k2.yaml"

@@ -32,6 +32,97 @@ def _qwen_layer_types(config: dict, count: int) -> list:
 
 
 @dataclass(frozen=True)
+class MoeTarget:
+    """The mixture-of-experts class a dense family is upcycled into, as tensor names and config fields.
+
+    Names are layer suffixes; `{}` in an expert name is the expert index. The
+    fused names are the parameters transformers 5 builds when it loads the
+    per-expert names (its `conversion_mapping.py` stacks the experts on a new
+    leading dimension and concatenates gate and up along dimension 1).
+    """
+
+    model_type: str
+    architecture_class: str
+    experts_field: str
+    router: str
+    expert_projections: dict[str, str]
+    fused_router: str
+    fused_gate_up: str
+    fused_down: str
+    # Config field of one expert's intermediate size; None when experts share `intermediate_size`.
+    expert_size_field: str | None = None
+    # Config field that lists the layers kept dense; None when every layer must be sparse.
+    dense_layers_field: str | None = None
+    # Shared expert, always active beside the routed ones: projection names, its sigmoid gate and its size field.
+    shared_expert_projections: dict[str, str] | None = None
+    shared_expert_gate: str | None = None
+    shared_expert_size_field: str | None = None
+    # Config field that switches on q/k/v projection biases; None when the class has no attention biases.
+    attention_bias_field: str | None = None
+    fixed_config: dict = field(default_factory=dict)
+
+
+MIXTRAL = MoeTarget(
+    model_type="mixtral",
+    architecture_class="MixtralForCausalLM",
+    experts_field="num_local_experts",
+    router="block_sparse_moe.gate.weight",
+    expert_projections={
+        "gate": "block_sparse_moe.experts.{}.w1.weight",
+        "up": "block_sparse_moe.experts.{}.w3.weight",
+        "down": "block_sparse_moe.experts.{}.w2.weight",
+    },
+    fused_router="mlp.gate.weight",
+    fused_gate_up="mlp.experts.gate_up_proj",
+    fused_down="mlp.experts.down_proj",
+    fixed_config={"router_jitter_noise": 0.0},
+)
+
+_QWEN_EXPERTS = {
+    "gate": "mlp.experts.{}.gate_proj.weight",
+    "up": "mlp.experts.{}.up_proj.weight",
+    "down": "mlp.experts.{}.down_proj.weight",
+}
+
+QWEN2_MOE = MoeTarget(
+    model_type="qwen2_moe",
+    architecture_class="Qwen2MoeForCausalLM",
+    experts_field="num_experts",
+    router="mlp.gate.weight",
+    expert_projections=_QWEN_EXPERTS,
+    fused_router="mlp.gate.weight",
+    fused_gate_up="mlp.experts.gate_up_proj",
+    fused_down="mlp.experts.down_proj",
+    expert_size_field="moe_intermediate_size",
+    dense_layers_field="mlp_only_layers",
+    shared_expert_projections={
+        "gate": "mlp.shared_expert.gate_proj.weight",
+        "up": "mlp.shared_expert.up_proj.weight",
+        "down": "mlp.shared_expert.down_proj.weight",
+    },
+    shared_expert_gate="mlp.shared_expert_gate.weight",
+    shared_expert_size_field="shared_expert_intermediate_size",
+    attention_bias_field="qkv_bias",
+    fixed_config={"norm_topk_prob": True, "decoder_sparse_step": 1},
+)
+
+QWEN3_MOE = MoeTarget(
+    model_type="qwen3_moe",
+    architecture_class="Qwen3MoeForCausalLM",
+    experts_field="num_experts",
+    router="mlp.gate.weight",
+    expert_projections=_QWEN_EXPERTS,
+    fused_router="mlp.gate.weight",
+    fused_gate_up="mlp.experts.gate_up_proj",
+    fused_down="mlp.experts.down_proj",
+    expert_size_field="moe_intermediate_size",
+    dense_layers_field="mlp_only_layers",
+    attention_bias_field="attention_bias",
+    fixed_config={"norm_topk_prob": True, "decoder_sparse_step": 1},
+)
+
+
+@dataclass(frozen=True)
 class Architecture:
     """How one model family lays out its decoder layers and per-layer config."""
 
@@ -47,6 +138,8 @@ class Architecture:
         default_factory=lambda: {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
     )
     num_layers_field: str = "num_hidden_layers"
+    # The mixture-of-experts class the `moe` step turns this family into; None when there is none.
+    moe: MoeTarget | None = None
 
     def layer_name(self, index: int, suffix: str) -> str:
         return self.layer_prefix.format(index) + suffix
@@ -59,10 +152,10 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     arch.name: arch
     for arch in (
-        Architecture("llama", ("llama",)),
-        Architecture("mistral", ("mistral",)),
-        Architecture("qwen2", ("qwen2",), default_layer_types=_qwen_layer_types),
-        Architecture("qwen3", ("qwen3",), default_layer_types=_qwen_layer_types),
+        Architecture("llama", ("llama",), moe=MIXTRAL),
+        Architecture("mistral", ("mistral",), moe=MIXTRAL),
+        Architecture("qwen2", ("qwen2",), default_layer_types=_qwen_layer_types, moe=QWEN2_MOE),
+        Architecture("qwen3", ("qwen3",), default_layer_types=_qwen_layer_types, moe=QWEN3_MOE),
         Architecture("gemma2", ("gemma2",), default_layer_types=_gemma2_layer_types),
         Architecture("gemma3_text", ("gemma3_text",), default_layer_types=_gemma3_layer_types),
         Architecture("phi3", ("phi3",), mlp_projections={"gate_up": "mlp.gate_up_proj", "down": "mlp.down_proj"}),
@@ -72,6 +165,10 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 def supported_model_types() -> list[str]:
     return sorted(model_type for arch in ARCHITECTURES.values() for model_type in arch.model_types)
+
+
+def moe_capable_model_types() -> list[str]:
+    return sorted(model_type for arch in ARCHITECTURES.values() if arch.moe for model_type in arch.model_types)
 
 
 def detect_architecture(config: dict, config_path: str, layer_prefix: str | None = None) -> Architecture:

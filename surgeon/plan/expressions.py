@@ -62,6 +62,10 @@ class TensorExpr(ABC):
     def is_zeros(self) -> bool:
         return False
 
+    def parts(self) -> list["TensorExpr"] | None:
+        """Return tensors whose data, written one after another, is this tensor's data, or None if it is one piece."""
+        return None
+
     @abstractmethod
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """Return rows [start, stop) as a flat array in the compute dtype."""
@@ -225,6 +229,144 @@ class Converted(TensorExpr):
         return f"{self.source.describe()} as {self.dtype}"
 
 
+class ColumnSlice(TensorExpr):
+    """Columns [start, stop) of a 2-D tensor, always computed because the columns are not contiguous bytes."""
+
+    def __init__(self, source: TensorExpr, start: int, stop: int) -> None:
+        if len(source.shape) != 2 or not 0 <= start < stop <= source.shape[1]:
+            raise PlanError(f"column slice [{start}, {stop}) is outside {source.describe()} with shape {source.shape}")
+        self.source = source
+        self.start = start
+        self.stop = stop
+        self.dtype = source.dtype
+        self.shape = (source.shape[0], stop - start)
+
+    def is_zeros(self) -> bool:
+        return self.source.is_zeros()
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        rows = self.source.read_rows(start, stop).reshape(stop - start, self.source.shape[1])
+        return np.ascontiguousarray(rows[:, self.start : self.stop]).reshape(-1)
+
+    def describe(self) -> str:
+        return f"columns[{self.start}:{self.stop}] of {self.source.describe()}"
+
+
+class Concatenated(TensorExpr):
+    """Tensors of one dtype laid end to end in memory and viewed with a new shape.
+
+    Stacking experts on a new leading dimension, or concatenating gate and up
+    rows, is this: the writer writes each part in turn, so parts that are
+    unchanged input tensors stay kernel byte copies.
+    """
+
+    def __init__(self, sources: list[TensorExpr], shape: tuple[int, ...]) -> None:
+        dtypes = {source.dtype for source in sources}
+        if len(dtypes) != 1:
+            raise PlanError(f"cannot concatenate tensors of different dtypes {sorted(dtypes)}: " + ", ".join(s.describe() for s in sources))
+        total = sum(source.numel for source in sources)
+        if total != math.prod(shape):
+            raise PlanError(f"cannot view {total} concatenated elements as shape {tuple(shape)}")
+        self.sources = list(sources)
+        self.dtype = dtypes.pop()
+        self.shape = tuple(shape)
+
+    def parts(self) -> list[TensorExpr]:
+        return self.sources
+
+    def is_zeros(self) -> bool:
+        return all(source.is_zeros() for source in self.sources)
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        first, last = start * self.row_elements, stop * self.row_elements
+        pieces = []
+        offset = 0
+        for source in self.sources:
+            begin, end = max(first, offset), min(last, offset + source.numel)
+            if begin < end:
+                width = source.row_elements
+                row_start, row_stop = (begin - offset) // width, -(-(end - offset) // width)
+                rows = source.read_rows(row_start, row_stop)
+                skip = begin - offset - row_start * width
+                pieces.append(rows[skip : skip + end - begin])
+            offset += source.numel
+        return np.concatenate(pieces)
+
+    def describe(self) -> str:
+        return f"concat{list(self.shape)}(" + ", ".join(source.describe() for source in self.sources) + ")"
+
+
+class PartialReinit(TensorExpr):
+    """A 2-D tensor with some rows or columns re-drawn from N(mean, std) of the whole source tensor.
+
+    This is Drop-Upcycling's re-initialisation. The mean and standard deviation
+    are computed on first use in one chunked pass over the source. Each row
+    draws from its own Philox stream, so values do not depend on chunking.
+    """
+
+    STATISTICS_CHUNK_ROWS = 256
+
+    def __init__(self, source: TensorExpr, axis: int, indices: np.ndarray, seed: int) -> None:
+        if len(source.shape) != 2 or axis not in (0, 1):
+            raise PlanError(f"partial re-initialisation needs a 2-D tensor and axis 0 or 1, got {source.describe()} {source.shape}")
+        self.source = source
+        self.axis = axis
+        self.indices = np.sort(np.asarray(indices, dtype=np.int64))
+        self.seed = seed
+        self.dtype = source.dtype
+        self.shape = source.shape
+        self._statistics: tuple[float, float] | None = None
+
+    def statistics(self) -> tuple[float, float]:
+        """Return the source's mean and standard deviation, in float64."""
+        if self._statistics is None:
+            total = total_squares = 0.0
+            for start in range(0, self.source.rows, self.STATISTICS_CHUNK_ROWS):
+                values = self.source.read_rows(start, min(start + self.STATISTICS_CHUNK_ROWS, self.source.rows)).astype(np.float64)
+                total += float(values.sum())
+                total_squares += float(np.square(values).sum())
+            mean = total / self.source.numel
+            self._statistics = (mean, math.sqrt(max(total_squares / self.source.numel - mean * mean, 0.0)))
+        return self._statistics
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        mean, std = self.statistics()
+        width = self.shape[1]
+        values = self.source.read_rows(start, stop).reshape(stop - start, width).copy()
+        if self.axis == 0:
+            selected = self.indices[(self.indices >= start) & (self.indices < stop)]
+            targets = [(row, slice(None)) for row in selected]
+            draw = width
+        else:
+            targets = [(row, self.indices) for row in range(start, stop)]
+            draw = len(self.indices)
+        for row, columns in targets:
+            generator = np.random.Generator(np.random.Philox(key=self.seed, counter=int(row)))
+            values[row - start, columns] = mean + std * generator.standard_normal(draw, dtype=np.float64)
+        return values.reshape(-1)
+
+    def describe(self) -> str:
+        kind = "rows" if self.axis == 0 else "columns"
+        return f"{self.source.describe()} with {len(self.indices)} {kind} re-drawn from its N(mean, std) (seed={self.seed})"
+
+
+class Precomputed(TensorExpr):
+    """A small tensor whose values surgeon computed while planning (such as a router from hidden states)."""
+
+    def __init__(self, values: np.ndarray, dtype: str, origin: str) -> None:
+        self.values = np.ascontiguousarray(values, dtype=np.float64)
+        self.dtype = dtype
+        self.shape = tuple(self.values.shape)
+        self.origin = origin
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        return self.values[start:stop].reshape(-1)
+
+    def describe(self) -> str:
+        digest = hashlib.sha256(self.values.tobytes()).hexdigest()[:16]
+        return f"{self.origin} (sha256 {digest})"
+
+
 def scaled(source: TensorExpr, factor: float) -> TensorExpr:
     """Return `source * factor`, simplified to zeros or the source itself where possible."""
     if factor == 0:
@@ -240,6 +382,9 @@ def converted(source: TensorExpr, dtype: str) -> TensorExpr:
         return source
     if source.is_zeros():
         return Zeros(dtype, source.shape)
+    parts = source.parts()
+    if parts is not None:
+        return Concatenated([converted(part, dtype) for part in parts], source.shape)
     return Converted(source, dtype)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from surgeon.dtypes import FLOAT_DTYPES, dtype_from_name
 
@@ -41,9 +41,77 @@ class TLIStep(StrictModel):
     remainder: Literal["skip", "insert"] = "skip"
 
 
+class RouterInit(StrictModel):
+    """Router (gate) initialisation for the `moe` step; each router matrix has shape (experts, hidden_size)."""
+
+    init: Literal["zeros", "random", "hidden"] = "zeros"
+    std: Optional[float] = Field(default=None, gt=0)
+    seed: int = 0
+    # For `hidden`: one list of prompts per expert, in expert order.
+    prompts: Optional[list[list[str]]] = None
+    # For `hidden`: tokenizer folder. By default, the folder of the checkpoint that contains the embeddings.
+    tokenizer: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _options_match_init(self) -> "RouterInit":
+        if self.init == "random" and self.std is None:
+            raise ValueError("router init 'random' needs `std`, the standard deviation of the normal distribution, e.g. std: 0.02")
+        if self.init != "random" and self.std is not None:
+            raise ValueError(f"`std` applies only to router init 'random', not {self.init!r}; remove it")
+        if self.init == "hidden" and not self.prompts:
+            raise ValueError("router init 'hidden' needs `prompts`: one list of prompts per expert")
+        if self.init != "hidden" and (self.prompts is not None or self.tokenizer is not None):
+            raise ValueError(f"`prompts` and `tokenizer` apply only to router init 'hidden', not {self.init!r}; remove them")
+        if self.prompts is not None and any(not expert_prompts for expert_prompts in self.prompts):
+            raise ValueError("every expert needs at least one prompt in `prompts`")
+        return self
+
+
+class ExpertNoise(StrictModel):
+    """Gaussian noise added to every expert's projections, so identical experts differ."""
+
+    std: float = Field(gt=0)
+    seed: int = 0
+    projections: list[Literal["gate", "up", "down"]] = Field(default_factory=lambda: ["gate", "up", "down"], min_length=1)
+
+
+class DropUpcycling(StrictModel):
+    """Re-draw a fraction of each expert's intermediate units from the dense weights' statistics."""
+
+    ratio: float = Field(gt=0, le=1)
+    seed: int = 0
+
+
+class MoEStep(StrictModel):
+    """Sparse upcycling: each dense MLP becomes `experts` copies behind a router."""
+
+    experts: int = Field(ge=2)
+    experts_per_token: PositiveInt
+    # Output layer indices that become sparse; None means every layer.
+    layers: Optional[list[NonNegativeInt]] = Field(default=None, min_length=1)
+    router: RouterInit = Field(default_factory=RouterInit)
+    layout: Literal["per_expert", "fused"] = "per_expert"
+    # Split each copy's intermediate dimension into this many fine-grained experts.
+    granularity: PositiveInt = 1
+    noise: Optional[ExpertNoise] = None
+    drop_upcycling: Optional[DropUpcycling] = None
+
+    @model_validator(mode="after")
+    def _consistent_counts(self) -> "MoEStep":
+        total = self.experts * self.granularity
+        if self.experts_per_token > total:
+            raise ValueError(f"experts_per_token ({self.experts_per_token}) exceeds the number of experts ({total} = experts x granularity)")
+        if self.router.prompts is not None and len(self.router.prompts) != self.experts:
+            raise ValueError(f"router.prompts has {len(self.router.prompts)} lists for {self.experts} experts; give one list per expert")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers lists an index twice: {self.layers}")
+        return self
+
+
 # Step kinds by recipe key. Each model's fields are the step's options.
 STEP_MODELS: dict[str, type[StrictModel]] = {
     "tli": TLIStep,
+    "moe": MoEStep,
 }
 
 

@@ -102,6 +102,12 @@ def expected_chunks(expr: TensorExpr) -> Iterator[bytes]:
 
 def write_tensor(expr: TensorExpr, fd: int, offset: int, progress: Progress) -> None:
     """Write one planned tensor's data at `offset`, by the cheapest route its expression allows."""
+    parts = expr.parts()
+    if parts is not None:
+        for part in parts:
+            write_tensor(part, fd, offset, progress)
+            offset += part.nbytes
+        return
     source = expr.byte_range()
     if source is not None:
         copy_range(source, fd, offset, progress)

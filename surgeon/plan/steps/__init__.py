@@ -7,6 +7,7 @@ from typing import Callable
 from pydantic import BaseModel
 
 from surgeon.plan.layout import ModelLayout
+from surgeon.plan.steps.moe import apply_moe
 from surgeon.plan.steps.tli import apply_tli
 
 StepFunction = Callable[[ModelLayout, BaseModel, int], ModelLayout]
@@ -14,4 +15,5 @@ StepFunction = Callable[[ModelLayout, BaseModel, int], ModelLayout]
 # Step implementations by recipe key; surgeon.recipe.schema.STEP_MODELS has their options.
 STEP_FUNCTIONS: dict[str, StepFunction] = {
     "tli": apply_tli,
+    "moe": apply_moe,
 }
