@@ -14,6 +14,8 @@ import hashlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,6 +32,13 @@ class ByteRange:
     info: TensorInfo
     start: int
     length: int
+
+
+class InputShard(NamedTuple):
+    """One input shard file, keyed by the recipe's model key and the shard's path."""
+
+    model: str
+    path: Path
 
 
 class TensorExpr(ABC):
@@ -62,6 +71,13 @@ class TensorExpr(ABC):
     def is_zeros(self) -> bool:
         return False
 
+    def input_shards(self) -> frozenset[InputShard]:
+        """Return every input shard this tensor reads, so streamed inputs know when a shard is needed."""
+        raise PlanError(
+            f"{type(self).__name__} does not list the input shards it reads",
+            fix="implement input_shards() for this expression, or run without --stream-input",
+        )
+
     @abstractmethod
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """Return rows [start, stop) as a flat array in the compute dtype."""
@@ -83,6 +99,9 @@ class InputTensor(TensorExpr):
 
     def byte_range(self) -> ByteRange:
         return ByteRange(self.checkpoint, self.info, 0, self.info.nbytes)
+
+    def input_shards(self) -> frozenset[InputShard]:
+        return frozenset({InputShard(self.model, self.info.shard)})
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         row_bytes = self.row_elements * DTYPE_SIZES[self.dtype]
@@ -115,6 +134,9 @@ class RowSlice(TensorExpr):
     def is_zeros(self) -> bool:
         return self.source.is_zeros()
 
+    def input_shards(self) -> frozenset[InputShard]:
+        return self.source.input_shards()
+
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         return self.source.read_rows(self.start + start, self.start + stop)
 
@@ -132,6 +154,9 @@ class Zeros(TensorExpr):
     def is_zeros(self) -> bool:
         return True
 
+    def input_shards(self) -> frozenset[InputShard]:
+        return frozenset()
+
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         return np.zeros((stop - start) * self.row_elements, dtype=compute_dtype(self.dtype))
 
@@ -147,6 +172,9 @@ class Scaled(TensorExpr):
         self.factor = factor
         self.dtype = source.dtype
         self.shape = source.shape
+
+    def input_shards(self) -> frozenset[InputShard]:
+        return self.source.input_shards()
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         return self.source.read_rows(start, stop) * self.factor
@@ -169,6 +197,9 @@ class Mean(TensorExpr):
         self.sources = sources
         self.dtype = first.dtype
         self.shape = first.shape
+
+    def input_shards(self) -> frozenset[InputShard]:
+        return frozenset().union(*(source.input_shards() for source in self.sources))
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         total = self.sources[0].read_rows(start, stop).copy()
@@ -194,6 +225,9 @@ class WithNoise(TensorExpr):
         self.dtype = source.dtype
         self.shape = source.shape
 
+    def input_shards(self) -> frozenset[InputShard]:
+        return self.source.input_shards()
+
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         values = self.source.read_rows(start, stop).copy()
         width = self.row_elements
@@ -217,6 +251,9 @@ class Converted(TensorExpr):
 
     def is_zeros(self) -> bool:
         return self.source.is_zeros()
+
+    def input_shards(self) -> frozenset[InputShard]:
+        return self.source.input_shards()
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         return self.source.read_rows(start, stop)

@@ -16,6 +16,7 @@ import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -25,6 +26,9 @@ from surgeon.errors import DiskFullError, OutputError, ResumeError
 from surgeon.plan import Plan, PlannedShard
 from surgeon.writer.model_card import render_model_card
 from surgeon.writer.tensor_data import write_tensor
+
+if TYPE_CHECKING:
+    from surgeon.streamed_inputs import StreamedInputs
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,8 @@ class WriteOptions:
     check_space: bool = True
     progress: bool = True
     base_model_ids: list[str] | None = None
+    # Hub inputs whose shards are downloaded before and deleted after the tensors that read them.
+    input_stream: StreamedInputs | None = None
 
 
 def partial_folder(output: Path) -> Path:
@@ -64,18 +70,22 @@ def write_output(plan: Plan, output: str | Path, options: WriteOptions | None = 
 
     finished = _prepare_partial(plan, partial, options.resume, folder_mode)
     remaining = [shard for shard in plan.shards if shard.file_name not in finished]
+    stream = options.input_stream
     if options.check_space:
-        check_free_space(partial, sum(shard.size for shard in remaining), options.resume)
+        needed = stream.predicted_peak_bytes if stream else sum(shard.size for shard in remaining)
+        check_free_space(partial, needed, options.resume)
 
     total = sum(shard.size for shard in remaining)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", disable=not options.progress) as bar:
         for shard in remaining:
-            _write_shard(shard, partial, file_mode, bar.update)
+            _write_shard(shard, partial, file_mode, bar.update, stream)
             finished.add(shard.file_name)
             _write_json(partial / JOURNAL_NAME, {"plan": plan.fingerprint(), "finished": sorted(finished)}, file_mode)
 
     _write_metadata_files(plan, partial, file_mode, options.base_model_ids)
-    _check_inputs_unchanged(plan)
+    _check_inputs_unchanged(plan, stream.models if stream else set())
+    if stream:
+        stream.finish()
     (partial / JOURNAL_NAME).unlink()
     _fsync_folder(partial)
     _move_into_place(partial, output)
@@ -144,24 +154,28 @@ def _prepare_partial(plan: Plan, partial: Path, resume: bool, folder_mode: int) 
     return finished
 
 
-def _write_shard(shard: PlannedShard, partial: Path, file_mode: int, progress) -> None:
+def _write_shard(shard: PlannedShard, partial: Path, file_mode: int, progress, stream: StreamedInputs | None) -> None:
     """Write one shard to a `.tmp` file, flush it, then rename it to its final name."""
     target = partial / shard.file_name
     temporary = target.with_name(target.name + ".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, file_mode)
     try:
-        _guard_disk_full(lambda: _fill_shard(shard, fd, progress), partial, shard.size)
+        _guard_disk_full(lambda: _fill_shard(shard, fd, progress, stream), partial, shard.size)
         os.fchmod(fd, file_mode)
     finally:
         os.close(fd)
     os.replace(temporary, target)
 
 
-def _fill_shard(shard: PlannedShard, fd: int, progress) -> None:
+def _fill_shard(shard: PlannedShard, fd: int, progress, stream: StreamedInputs | None) -> None:
     os.pwrite(fd, shard.header, 0)
     offset = len(shard.header)
     for tensor in shard.tensors:
+        if stream:
+            stream.before_tensor(tensor)
         write_tensor(tensor.expr, fd, offset, progress)
+        if stream:
+            stream.after_tensor(tensor)
         offset += tensor.expr.nbytes
     os.fsync(fd)
 
@@ -225,10 +239,16 @@ def copy_side_files(source: Path, destination: Path) -> list[str]:
     return copied
 
 
-def _check_inputs_unchanged(plan: Plan) -> None:
-    """Re-read every input's headers: a shard that changed during the run makes the output suspect."""
+def _check_inputs_unchanged(plan: Plan, streamed: set[str]) -> None:
+    """Re-read every local input's headers: a shard that changed during the run makes the output suspect.
+
+    Streamed inputs are pinned to a Hub commit and each shard is checked against
+    its planned header on download, so they are skipped here.
+    """
     for key, checkpoint in plan.inputs.items():
-        if open_checkpoint(checkpoint.folder).fingerprint() != checkpoint.fingerprint():
+        if key in streamed:
+            continue
+        if open_checkpoint(checkpoint.folder, allowed_root=checkpoint.allowed_root).fingerprint() != checkpoint.fingerprint():
             raise OutputError(
                 f"input {key!r} changed while surgeon was writing",
                 path=checkpoint.folder,
