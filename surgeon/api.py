@@ -15,7 +15,7 @@ from surgeon.writer import WriteOptions, write_output
 
 
 def open_model_input(key: str, reference: str | Path, stream: StreamedInputs | None = None) -> Checkpoint:
-    """Open a local folder or `hf://ORG/NAME[@REVISION]`; with `stream`, a Hub input is fetched shard by shard."""
+    """Open a local folder or `hf://ORG/NAME[@REVISION]`. With `stream`, a Hub input is fetched shard by shard."""
     hub_reference = parse_hub_reference(reference)
     if stream is not None and hub_reference is not None:
         return stream.open(key, hub_reference)

@@ -3,7 +3,7 @@
 huggingface_hub does all the network work and reads the user's settings itself:
 HF_TOKEN, HF_HOME, HF_HUB_CACHE, HF_ENDPOINT and HF_HUB_OFFLINE. This module
 picks the files surgeon needs and turns huggingface_hub's exceptions into
-HubError messages that say what to do.
+HubError messages that give the fix.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class HubReference:
 
 
 def parse_hub_reference(reference: str | Path) -> HubReference | None:
-    """Parse `hf://ORG/NAME` or `hf://ORG/NAME@REVISION`; return None for a local path."""
+    """Parse `hf://ORG/NAME` or `hf://ORG/NAME@REVISION`, or return None for a local path."""
     text = str(reference)
     if not text.startswith(HUB_SCHEME):
         return None
@@ -101,7 +101,7 @@ def open_model_reference(reference: str | Path) -> Checkpoint:
     if hub_reference is None:
         return open_checkpoint(folder)
 
-    # A cache snapshot is models--ORG--NAME/snapshots/COMMIT/, its files symlinks into models--ORG--NAME/blobs/.
+    # A cache snapshot is models--ORG--NAME/snapshots/COMMIT/, and its files link into models--ORG--NAME/blobs/.
     checkpoint = open_checkpoint(folder, allowed_root=folder.parent.parent)
     checkpoint.source = str(HubReference(hub_reference.repo_id, folder.name))
     return checkpoint
@@ -178,7 +178,7 @@ def translate_hub_errors(reference: HubReference | str) -> Iterator[None]:
 def check_output_folder(folder: Path) -> None:
     """Re-read an output's index, headers and surgeon.json, and reject a mismatch.
 
-    TODO: switch to surgeon.verify once it exists; this checks headers, sizes and
+    TODO: switch to surgeon.verify once it exists. This checks headers, sizes and
     the index only, not tensor values.
     """
     from surgeon.errors import VerifyError
@@ -224,10 +224,10 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False) -> s
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         upload_large_folder = getattr(api, "upload_large_folder", None)
         if upload_large_folder is not None:
-            # NOTE: huggingface_hub 0.25 to 1.x path; only the upload_folder path below has a test.
+            # NOTE: only huggingface_hub versions before 2.0 take this path, and no test covers it.
             upload_large_folder(repo_id=repo_id, folder_path=folder, repo_type="model", private=private)
             return f"{api.endpoint}/{repo_id}"
-        # huggingface_hub 2.x removed upload_large_folder; with hf_xet installed, upload_folder
+        # huggingface_hub 2.x has no upload_large_folder. With hf_xet installed, its upload_folder
         # commits large folders in several commits and resumes when run again.
         try:
             commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message="Upload model written by surgeon")

@@ -1,4 +1,4 @@
-"""Hub inputs streamed shard by shard, so input and output never need to be on disk whole.
+"""Hub inputs streamed shard by shard, so the whole input and the whole output need not be on disk together.
 
 Planning needs only each shard's header, which is fetched with two HTTP range
 requests. While the writer runs, an input shard is downloaded just before the
@@ -105,7 +105,7 @@ class StreamedInputs:
         return checkpoint
 
     def prepare(self, plan: Plan) -> int:
-        """Compute every input shard's lifetime in the plan; return the predicted peak disk use in bytes."""
+        """Compute every input shard's lifetime in the plan and return the predicted peak disk use in bytes."""
         self.lifetimes = shard_lifetimes(plan)
         self.positions = {id(tensor): position for position, tensor in enumerate(self.lifetimes.order)}
         for input_shard in self.lifetimes.shard_sizes:
@@ -160,7 +160,7 @@ class StreamedInputs:
                 f"downloaded shard {input_shard.path.name} ({size} bytes) differs from the header fetched while planning ({header.file_size} bytes)",
                 path=input_shard.path,
                 value=str(reference),
-                fix="rerun; if it happens again, the server returns different bytes for one commit",
+                fix="rerun. If it fails again, the server returns different bytes for the same commit",
             )
         self.present.add(input_shard)
         self.downloads += 1
@@ -199,7 +199,7 @@ def fetch_remote_header(repo_id: str, commit: str, file_name: str, path: Path) -
 
 
 def _get_range(url: str, start: int, length: int) -> tuple[bytes, int]:
-    """GET bytes [start, start + length) of `url`; return them and the file's total size."""
+    """GET bytes [start, start + length) of `url`, and return them with the file's total size."""
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     headers = {**build_hf_headers(), "Range": f"bytes={start}-{start + length - 1}", "Accept-Encoding": "identity"}

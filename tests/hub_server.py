@@ -1,4 +1,4 @@
-"""A loopback HTTP server that answers the Hub endpoints huggingface_hub 2.4 uses to download and upload.
+"""A loopback HTTP server that implements the Hub endpoints huggingface_hub 2.4 calls to download and upload.
 
 It serves repositories from local folders and records every request, so tests
 can run real huggingface_hub code against 127.0.0.1 instead of the Hub. Only
@@ -187,7 +187,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(payload)
 
     def _validate_yaml(self, content: str) -> None:
-        """Check the card metadata against the field rules in the Hub's model card docs; a stand-in, not the Hub's validator."""
+        """Check the card metadata against the field rules in the Hub's model card docs. This is a stand-in, not the Hub's validator."""
         self.hub.validated.append(content)
         errors = [{"message": message} for message in card_metadata_errors(content)]
         payload = json.dumps({"errors": errors, "warnings": []}).encode()

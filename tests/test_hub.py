@@ -57,7 +57,7 @@ def build_hub_cache(cache: Path, repo_id: str, source: Path, commit: str) -> Pat
 
 
 def reshard_by_layers(source: Path, target: Path, layers_per_shard: int) -> list[int]:
-    """Rewrite a checkpoint with whole layers per shard, embeddings first and final norm and head last; return shard sizes."""
+    """Rewrite a checkpoint with whole layers per shard, embeddings first, final norm and head last, and return the shard sizes."""
     tensors = load_file(source / "model.safetensors")
 
     def group(name: str) -> int:
