@@ -7,17 +7,37 @@ from pathlib import Path
 
 from surgeon.architectures import detect_architecture, split_layers
 from surgeon.checkpoint import Checkpoint, open_checkpoint
+from surgeon.hub import HUB_SCHEME, open_model_reference, parse_hub_reference, push_to_hub
 from surgeon.plan import DEFAULT_MAX_SHARD_SIZE, DEFAULT_MODEL, Plan, compile_plan
 from surgeon.recipe import LoadedRecipe, load_recipe
+from surgeon.streamed_inputs import StreamedInputs
 from surgeon.writer import WriteOptions, write_output
 
 
-def open_inputs(recipe: LoadedRecipe, input_path: str | Path | None) -> dict[str, Checkpoint]:
+def open_model_input(key: str, reference: str | Path, stream: StreamedInputs | None = None) -> Checkpoint:
+    """Open a local folder or `hf://ORG/NAME[@REVISION]`. With `stream`, a Hub input is fetched shard by shard."""
+    hub_reference = parse_hub_reference(reference)
+    if stream is not None and hub_reference is not None:
+        return stream.open(key, hub_reference)
+    return open_model_reference(reference)
+
+
+def open_inputs(recipe: LoadedRecipe, input_path: str | Path | None, stream: StreamedInputs | None = None) -> dict[str, Checkpoint]:
     """Open the command-line input as model `input`, plus any models the recipe names."""
     inputs: dict[str, Checkpoint] = {}
     if input_path is not None:
-        inputs[DEFAULT_MODEL] = open_checkpoint(input_path)
+        inputs[DEFAULT_MODEL] = open_model_input(DEFAULT_MODEL, input_path, stream)
     return inputs
+
+
+def hub_base_model_ids(plan: Plan) -> list[str]:
+    """Return the Hub repository ids of the plan's inputs, base model first, for the model card."""
+    ids: list[str] = []
+    for key in [plan.base_model, *sorted(plan.inputs)]:
+        reference = parse_hub_reference(plan.inputs[key].source or "")
+        if reference is not None and reference.repo_id not in ids:
+            ids.append(reference.repo_id)
+    return ids
 
 
 def plan_recipe(
@@ -25,11 +45,19 @@ def plan_recipe(
     input_path: str | Path | None,
     *,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    stream: StreamedInputs | None = None,
 ) -> Plan:
-    """Compile a recipe against its inputs without writing anything."""
+    """Compile a recipe against its inputs without writing anything.
+
+    With `stream`, Hub inputs are opened from their shard headers alone, and
+    `stream.predicted_peak_bytes` is set from the plan.
+    """
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
-    inputs = open_inputs(loaded, input_path)
-    return compile_plan(loaded, inputs, max_shard_size=max_shard_size)
+    inputs = open_inputs(loaded, input_path, stream)
+    plan = compile_plan(loaded, inputs, max_shard_size=max_shard_size)
+    if stream is not None:
+        stream.prepare(plan)
+    return plan
 
 
 def apply_recipe(
@@ -39,15 +67,35 @@ def apply_recipe(
     *,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     options: WriteOptions | None = None,
+    stream: StreamedInputs | None = None,
 ) -> Plan:
-    """Plan the recipe and write the output checkpoint; return the plan that was written."""
-    plan = plan_recipe(recipe, input_path, max_shard_size=max_shard_size)
+    """Plan the recipe and write the output checkpoint; return the plan that was written.
+
+    With `stream` (see `StreamedInputs.for_output`), Hub inputs are downloaded
+    one shard at a time and deleted after their last use.
+    """
+    options = options or WriteOptions()
     try:
-        write_output(plan, output_path, options)
+        plan = plan_recipe(recipe, input_path, max_shard_size=max_shard_size, stream=stream)
+        options.input_stream = stream
+        if options.base_model_ids is None:
+            options.base_model_ids = hub_base_model_ids(plan) or None
+        try:
+            write_output(plan, output_path, options)
+        finally:
+            for checkpoint in plan.inputs.values():
+                checkpoint.close()
     finally:
-        for checkpoint in plan.inputs.values():
-            checkpoint.close()
+        if stream is not None:
+            stream.close()
     return plan
+
+
+def push_output(folder: str | Path, repo_id: str, *, private: bool = False) -> str:
+    """Check a written output folder and upload it to the Hub repository `repo_id`; return the commit URL."""
+    if repo_id.startswith(HUB_SCHEME):
+        repo_id = repo_id[len(HUB_SCHEME) :]
+    return push_to_hub(folder, repo_id, private=private)
 
 
 @dataclass
@@ -66,8 +114,8 @@ class CheckpointSummary:
 
 def inspect_checkpoint(path: str | Path) -> CheckpointSummary:
     """Open and validate a checkpoint and summarise its layers, dtypes and size."""
-    checkpoint = open_checkpoint(path)
-    arch = detect_architecture(checkpoint.config, str(Path(path) / "config.json"))
+    checkpoint = open_model_reference(path)
+    arch = detect_architecture(checkpoint.config, str(checkpoint.folder / "config.json"))
     table = split_layers(arch, list(checkpoint.tensors), checkpoint.config, str(path))
     dtypes: dict[str, int] = {}
     for info in checkpoint.tensors.values():

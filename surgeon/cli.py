@@ -68,40 +68,78 @@ def main(debug: bool, verbose: bool) -> None:
 @click.option("--resume", is_flag=True, help="Finish an interrupted run, keeping the shards it completed.")
 @click.option("--no-space-check", is_flag=True, help="Write even if free disk space looks too small.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--stream-input", is_flag=True, help="Download Hub input shards one at a time and delete each after its last use.")
+@click.option("--push-to-hub", "push_repo", metavar="ORG/NAME", help="Upload the finished output to this Hub model repository.")
+@click.option("--private", is_flag=True, help="With --push-to-hub, create the repository as private.")
 @reports_errors
-def apply_command(recipe: str, paths: tuple[str, ...], max_shard_size: str, force: bool, resume: bool, no_space_check: bool, quiet: bool) -> None:
+def apply_command(
+    recipe: str,
+    paths: tuple[str, ...],
+    max_shard_size: str,
+    force: bool,
+    resume: bool,
+    no_space_check: bool,
+    quiet: bool,
+    stream_input: bool,
+    push_repo: str | None,
+    private: bool,
+) -> None:
     """Apply RECIPE to the checkpoint IN and write the result to OUT.
 
-    IN may be left out when the recipe names its own source models.
+    IN is a folder or hf://ORG/NAME[@REVISION]. It may be left out when the
+    recipe names its own source models.
     """
-    from surgeon.api import apply_recipe
+    from surgeon.api import apply_recipe, push_output
     from surgeon.plan import parse_size
+    from surgeon.streamed_inputs import StreamedInputs
     from surgeon.writer import WriteOptions
 
     if len(paths) > 2:
         raise click.UsageError("expected [IN] OUT")
+    if private and not push_repo:
+        raise click.UsageError("--private needs --push-to-hub")
     input_path, output_path = (paths[0], paths[1]) if len(paths) == 2 else (None, paths[0])
     options = WriteOptions(force=force, resume=resume, check_space=not no_space_check, progress=not quiet)
-    plan = apply_recipe(recipe, input_path, output_path, max_shard_size=parse_size(max_shard_size), options=options)
+    stream = StreamedInputs.for_output(output_path) if stream_input else None
+    plan = apply_recipe(recipe, input_path, output_path, max_shard_size=parse_size(max_shard_size), options=options, stream=stream)
     if not quiet:
         new = sum(1 for layer in plan.layout.layers if layer.origin.new)
         click.echo(
             f"wrote {output_path}: {len(plan.layout.layers)} layers ({new} new), "
             f"{plan.parameter_count():,} parameters, {len(plan.shards)} shard(s), {_humanize(plan.output_bytes)}"
         )
+    if stream is not None:
+        click.echo(
+            f"peak disk use: {stream.measured_peak_bytes} bytes measured, {stream.predicted_peak_bytes} bytes predicted "
+            f"({stream.downloads} input shard downloads)"
+        )
+    if push_repo:
+        url = push_output(output_path, push_repo, private=private)
+        click.echo(f"pushed {output_path} to {url}")
 
 
 @main.command("plan")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("input_path", metavar="[IN]", required=False)
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB or 500MB.")
+@click.option("--stream-input", is_flag=True, help="Plan from Hub shard headers alone and print the peak disk use of a streamed apply.")
 @reports_errors
-def plan_command(recipe: str, input_path: str | None, max_shard_size: str) -> None:
+def plan_command(recipe: str, input_path: str | None, max_shard_size: str, stream_input: bool) -> None:
     """Print the layer map, parameter counts and output size of RECIPE on IN, writing nothing."""
+    import tempfile
+    from pathlib import Path
+
     from surgeon.api import plan_recipe
     from surgeon.plan import parse_size
+    from surgeon.streamed_inputs import StreamedInputs
 
-    plan = plan_recipe(recipe, input_path, max_shard_size=parse_size(max_shard_size))
+    with tempfile.TemporaryDirectory(prefix="surgeon-plan-") as staging:
+        stream = StreamedInputs(Path(staging)) if stream_input else None
+        try:
+            plan = plan_recipe(recipe, input_path, max_shard_size=parse_size(max_shard_size), stream=stream)
+        finally:
+            if stream is not None:
+                stream.close()
     click.echo(f"recipe: {plan.recipe.name} ({plan.recipe.source_format})")
     click.echo(f"architecture: {plan.layout.arch.name}")
     click.echo("layer map (output <- source):")
@@ -116,6 +154,12 @@ def plan_command(recipe: str, input_path: str | None, max_shard_size: str) -> No
         kinds[tensor.kind] = kinds.get(tensor.kind, 0) + tensor.expr.nbytes
     click.echo("tensor data: " + ", ".join(f"{kind} {_humanize(size)}" for kind, size in sorted(kinds.items())))
     click.echo(f"output size: {_humanize(plan.output_bytes)} in {len(plan.shards)} shard(s)")
+    if stream is not None:
+        largest = max((header.file_size for checkpoint in plan.inputs.values() for header in checkpoint.shards), default=0)
+        click.echo(
+            f"peak disk use with --stream-input: {_humanize(stream.predicted_peak_bytes)} "
+            f"({stream.predicted_peak_bytes} bytes; largest input shard {_humanize(largest)})"
+        )
 
 
 @main.command("validate")

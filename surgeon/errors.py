@@ -127,3 +127,7 @@ class VerifyError(SurgeonError):
 
 class TrainingError(SurgeonError):
     """A training or evaluation run cannot start or continue with these inputs."""
+
+
+class HubError(SurgeonError):
+    """A Hugging Face Hub reference cannot be resolved, downloaded or pushed."""

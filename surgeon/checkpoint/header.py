@@ -104,7 +104,11 @@ def read_header(path: Path) -> ShardHeader:
         header_bytes = os.pread(fd, header_length, 8)
     finally:
         os.close(fd)
+    return parse_header(path, file_size, header_bytes)
 
+
+def parse_header(path: Path, file_size: int, header_bytes: bytes) -> ShardHeader:
+    """Validate header JSON read elsewhere (from disk or a remote byte range) for a shard of `file_size` bytes."""
     shard = ShardHeader(path=path, file_size=file_size, header_bytes=header_bytes, metadata={})
     entries = _parse_json(header_bytes, path)
     shard.metadata = _parse_metadata(entries.pop(_METADATA_KEY, None), path)

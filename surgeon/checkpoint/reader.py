@@ -35,6 +35,10 @@ class Checkpoint:
     config_bytes: bytes
     shards: list[ShardHeader]
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    # The reference the user gave when it is not the folder itself, e.g. `hf://ORG/NAME@COMMIT`.
+    source: str | None = None
+    # The folder that shard symlinks may resolve into, when wider than `folder`.
+    allowed_root: Path | None = None
     _descriptors: dict[Path, int] = field(default_factory=dict, repr=False)
 
     def fingerprint(self) -> str:
@@ -68,23 +72,43 @@ class Checkpoint:
             )
         return data
 
+    def close_shard(self, shard: Path) -> None:
+        """Close a shard's descriptor, so deleting the file frees its disk space."""
+        descriptor = self._descriptors.pop(shard, None)
+        if descriptor is not None:
+            os.close(descriptor)
+
     def close(self) -> None:
         for descriptor in self._descriptors.values():
             os.close(descriptor)
         self._descriptors.clear()
 
 
-def open_checkpoint(folder: str | Path) -> Checkpoint:
-    """Validate the folder's config, index and shard headers and return the checkpoint."""
+def open_checkpoint(
+    folder: str | Path,
+    *,
+    fetched_headers: dict[str, ShardHeader] | None = None,
+    allowed_root: Path | None = None,
+) -> Checkpoint:
+    """Validate the folder's config, index and shard headers and return the checkpoint.
+
+    `fetched_headers` holds, by file name, headers of shards that are not on disk
+    yet (a streamed Hub input downloads them later). `allowed_root` widens where
+    shard symlinks may point: a Hub cache snapshot links into the repo's blobs folder.
+    """
     folder = Path(folder)
+    fetched_headers = fetched_headers or {}
     if not folder.is_dir():
         raise CheckpointError("input folder not found", path=folder, fix="pass a folder that contains config.json and *.safetensors")
 
     config_bytes, config = _read_config(folder)
-    shard_paths, weight_map, declared_total = _find_shards(folder)
-    shards = [read_header(path) for path in shard_paths]
+    roots = _allowed_roots(folder)
+    if allowed_root is not None:
+        roots.append(allowed_root.resolve())
+    shard_paths, weight_map, declared_total = _find_shards(folder, roots, set(fetched_headers))
+    shards = [fetched_headers[path.name] if path.name in fetched_headers else read_header(path) for path in shard_paths]
 
-    checkpoint = Checkpoint(folder=folder, config=config, config_bytes=config_bytes, shards=shards)
+    checkpoint = Checkpoint(folder=folder, config=config, config_bytes=config_bytes, shards=shards, allowed_root=allowed_root)
     _collect_tensors(checkpoint, weight_map, declared_total)
     logger.debug("opened %s: %d shards, %d tensors", folder, len(shards), len(checkpoint.tensors))
     return checkpoint
@@ -133,15 +157,17 @@ def _allowed_roots(folder: Path) -> list[Path]:
     return roots
 
 
-def _find_shards(folder: Path) -> tuple[list[Path], dict[str, str] | None, int | None]:
+def _find_shards(folder: Path, roots: list[Path], fetched: set[str]) -> tuple[list[Path], dict[str, str] | None, int | None]:
     """Return the shard paths, the index's weight map and its declared total size."""
     index_path = folder / INDEX_NAME
     if index_path.is_file():
-        return _read_index(folder, index_path)
+        return _read_index(folder, index_path, roots, fetched)
 
     single = folder / SINGLE_SHARD_NAME
+    if SINGLE_SHARD_NAME in fetched:
+        return [single], None, None
     if single.is_file():
-        _check_inside_folder(single, _allowed_roots(folder), SINGLE_SHARD_NAME, folder)
+        _check_inside_folder(single, roots, SINGLE_SHARD_NAME, folder)
         return [single], None, None
 
     others = sorted(p.name for p in folder.glob("*.safetensors"))
@@ -162,7 +188,7 @@ def _find_shards(folder: Path) -> tuple[list[Path], dict[str, str] | None, int |
     raise CheckpointError("no safetensors weights found", path=folder, fix=f"the folder needs {SINGLE_SHARD_NAME} or {INDEX_NAME} with its shards")
 
 
-def _read_index(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, str], int | None]:
+def _read_index(folder: Path, index_path: Path, roots: list[Path], fetched: set[str]) -> tuple[list[Path], dict[str, str], int | None]:
     try:
         index = json.loads(_read_small_file(index_path, ShardIndexError))
     except (ValueError, RecursionError) as error:
@@ -178,10 +204,9 @@ def _read_index(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, s
     if declared_total is not None and (type(declared_total) is not int or declared_total < 0):
         raise ShardIndexError(f"metadata.total_size {declared_total!r} is not a non-negative integer", path=index_path, field="metadata.total_size", fix="repair the index")
 
-    roots = _allowed_roots(folder)
     shard_paths: list[Path] = []
     for shard_name in dict.fromkeys(weight_map.values()):
-        shard_paths.append(_resolve_shard(folder, roots, shard_name, index_path))
+        shard_paths.append(_resolve_shard(folder, roots, shard_name, index_path, shard_name in fetched))
 
     unlisted = sorted(p.name for p in folder.glob("*.safetensors") if p not in shard_paths)
     if unlisted:
@@ -189,7 +214,7 @@ def _read_index(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, s
     return shard_paths, weight_map, declared_total
 
 
-def _resolve_shard(folder: Path, roots: list[Path], shard_name: str, index_path: Path) -> Path:
+def _resolve_shard(folder: Path, roots: list[Path], shard_name: str, index_path: Path, fetched: bool) -> Path:
     """Resolve a shard name from the index, rejecting any that would leave the folder."""
     if os.path.isabs(shard_name) or ".." in Path(shard_name).parts or "\\" in shard_name or "\0" in shard_name:
         raise ShardIndexError(
@@ -199,6 +224,8 @@ def _resolve_shard(folder: Path, roots: list[Path], shard_name: str, index_path:
             fix="edit the index so every shard is a relative name without '..'",
         )
     path = folder / shard_name
+    if fetched:
+        return path
     if not path.is_file():
         raise ShardIndexError(f"shard {shard_name} listed in the index is missing", path=index_path, value=shard_name, fix="download the missing shard")
     _check_inside_folder(path, roots, shard_name, index_path)

@@ -78,7 +78,7 @@ class Plan:
             "base_model": self.base_model,
             "inputs": {
                 key: {
-                    "path": str(checkpoint.folder),
+                    "path": checkpoint.source or str(checkpoint.folder),
                     "fingerprint": checkpoint.fingerprint(),
                     "num_layers": checkpoint.config.get(self.layout.arch.num_layers_field),
                     "parameters": checkpoint.parameter_count(),

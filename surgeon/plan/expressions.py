@@ -14,6 +14,8 @@ import hashlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,6 +32,13 @@ class ByteRange:
     info: TensorInfo
     start: int
     length: int
+
+
+class InputShard(NamedTuple):
+    """One input shard file, keyed by the recipe's model key and the shard's path."""
+
+    model: str
+    path: Path
 
 
 class TensorExpr(ABC):
@@ -66,6 +75,13 @@ class TensorExpr(ABC):
         """Return tensors whose data, written one after another, is this tensor's data, or None if it is one piece."""
         return None
 
+    def input_shards(self) -> frozenset[InputShard]:
+        """Return every input shard this tensor reads, so streamed inputs know when a shard is needed."""
+        raise PlanError(
+            f"{type(self).__name__} does not list the input shards it reads",
+            fix="implement input_shards() for this expression, or run without --stream-input",
+        )
+
     @abstractmethod
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """Return rows [start, stop) as a flat array in the compute dtype."""
@@ -87,6 +103,9 @@ class InputTensor(TensorExpr):
 
     def byte_range(self) -> ByteRange:
         return ByteRange(self.checkpoint, self.info, 0, self.info.nbytes)
+
+    def input_shards(self) -> frozenset[InputShard]:
+        return frozenset({InputShard(self.model, self.info.shard)})
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         row_bytes = self.row_elements * DTYPE_SIZES[self.dtype]
@@ -119,6 +138,9 @@ class RowSlice(TensorExpr):
     def is_zeros(self) -> bool:
         return self.source.is_zeros()
 
+    def input_shards(self) -> frozenset[InputShard]:
+        return self.source.input_shards()
+
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         return self.source.read_rows(self.start + start, self.start + stop)
 
@@ -136,6 +158,9 @@ class Zeros(TensorExpr):
     def is_zeros(self) -> bool:
         return True
 
+    def input_shards(self) -> frozenset[InputShard]:
+        return frozenset()
+
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         return np.zeros((stop - start) * self.row_elements, dtype=compute_dtype(self.dtype))
 
@@ -151,6 +176,9 @@ class Scaled(TensorExpr):
         self.factor = factor
         self.dtype = source.dtype
         self.shape = source.shape
+
+    def input_shards(self) -> frozenset[InputShard]:
+        return self.source.input_shards()
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         return self.source.read_rows(start, stop) * self.factor
@@ -173,6 +201,9 @@ class Mean(TensorExpr):
         self.sources = sources
         self.dtype = first.dtype
         self.shape = first.shape
+
+    def input_shards(self) -> frozenset[InputShard]:
+        return frozenset().union(*(source.input_shards() for source in self.sources))
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         total = self.sources[0].read_rows(start, stop).copy()
@@ -198,6 +229,9 @@ class WithNoise(TensorExpr):
         self.dtype = source.dtype
         self.shape = source.shape
 
+    def input_shards(self) -> frozenset[InputShard]:
+        return self.source.input_shards()
+
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         values = self.source.read_rows(start, stop).copy()
         width = self.row_elements
@@ -221,6 +255,9 @@ class Converted(TensorExpr):
 
     def is_zeros(self) -> bool:
         return self.source.is_zeros()
+
+    def input_shards(self) -> frozenset[InputShard]:
+        return self.source.input_shards()
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         return self.source.read_rows(start, stop)
@@ -250,6 +287,9 @@ class ColumnSlice(TensorExpr):
 
     def describe(self) -> str:
         return f"columns[{self.start}:{self.stop}] of {self.source.describe()}"
+
+    def input_shards(self) -> frozenset[InputShard]:
+        return self.source.input_shards()
 
 
 class Concatenated(TensorExpr):
@@ -294,6 +334,9 @@ class Concatenated(TensorExpr):
 
     def describe(self) -> str:
         return f"concat{list(self.shape)}(" + ", ".join(source.describe() for source in self.sources) + ")"
+
+    def input_shards(self) -> frozenset[InputShard]:
+        return frozenset().union(*(source.input_shards() for source in self.sources))
 
 
 class PartialReinit(TensorExpr):
@@ -349,6 +392,9 @@ class PartialReinit(TensorExpr):
         kind = "rows" if self.axis == 0 else "columns"
         return f"{self.source.describe()} with {len(self.indices)} {kind} re-drawn from its N(mean, std) (seed={self.seed})"
 
+    def input_shards(self) -> frozenset[InputShard]:
+        return self.source.input_shards()
+
 
 class Precomputed(TensorExpr):
     """A small tensor whose values surgeon computed while planning (such as a router from hidden states)."""
@@ -365,6 +411,9 @@ class Precomputed(TensorExpr):
     def describe(self) -> str:
         digest = hashlib.sha256(self.values.tobytes()).hexdigest()[:16]
         return f"{self.origin} (sha256 {digest})"
+
+    def input_shards(self) -> frozenset[InputShard]:
+        return frozenset()
 
 
 def scaled(source: TensorExpr, factor: float) -> TensorExpr:

@@ -17,6 +17,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -27,6 +28,9 @@ from surgeon.plan import Plan, PlannedShard
 from surgeon.writer.interrupt import interrupts_raise
 from surgeon.writer.model_card import render_model_card
 from surgeon.writer.tensor_data import write_tensor
+
+if TYPE_CHECKING:
+    from surgeon.streamed_inputs import StreamedInputs
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +55,8 @@ class WriteOptions:
     check_space: bool = True
     progress: bool = True
     base_model_ids: list[str] | None = None
+    # Hub inputs whose shards are downloaded before and deleted after the tensors that read them.
+    input_stream: StreamedInputs | None = None
 
 
 def partial_folder(output: Path) -> Path:
@@ -74,6 +80,7 @@ def write_output(plan: Plan, output: str | Path, options: WriteOptions | None = 
     side_files = list_side_files(plan.inputs[plan.tokenizer_model].folder)
     extra_bytes = sum(len(data) for data in metadata_files.values()) + sum(path.stat().st_size for path in side_files)
 
+    stream = options.input_stream
     with interrupts_raise(partial) as guard:
         created = not partial.exists()
         finished = _prepare_partial(plan, partial, options.resume, folder_mode)
@@ -81,7 +88,7 @@ def write_output(plan: Plan, output: str | Path, options: WriteOptions | None = 
         needed = sum(shard.size for shard in remaining) + extra_bytes
         if options.check_space:
             try:
-                check_free_space(output.parent, needed)
+                check_free_space(output.parent, stream.predicted_peak_bytes + extra_bytes if stream else needed)
             except DiskFullError:
                 if created:
                     partial.rmdir()
@@ -90,14 +97,16 @@ def write_output(plan: Plan, output: str | Path, options: WriteOptions | None = 
         plan_fingerprint = plan.fingerprint()
         with tqdm(total=needed - extra_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", disable=not options.progress) as bar:
             for shard in remaining:
-                _write_shard(shard, partial, file_mode, bar.update, needed)
+                _write_shard(shard, partial, file_mode, bar.update, needed, stream)
                 needed -= shard.size
                 finished.add(shard.file_name)
                 journal = {"plan": plan_fingerprint, "finished": sorted(finished)}
                 _guard_disk_full(lambda: _write_json(partial / JOURNAL_NAME, journal, file_mode), partial, needed)
 
         _guard_disk_full(lambda: _write_metadata_files(metadata_files, side_files, partial, file_mode), partial, needed)
-        _check_inputs_unchanged(plan)
+        _check_inputs_unchanged(plan, stream.models if stream else set())
+        if stream:
+            stream.finish()
         guard.finish_uninterrupted()
         (partial / JOURNAL_NAME).unlink()
         _fsync_folder(partial)
@@ -195,7 +204,7 @@ def _read_journal(plan: Plan, partial: Path) -> dict:
     return journal
 
 
-def _write_shard(shard: PlannedShard, partial: Path, file_mode: int, progress, needed: int) -> None:
+def _write_shard(shard: PlannedShard, partial: Path, file_mode: int, progress, needed: int, stream: StreamedInputs | None) -> None:
     """Write one shard to a `.tmp` file, flush and check it, then rename it to its final name.
 
     On any failure the `.tmp` file is removed, so a full disk gets its space back
@@ -206,7 +215,7 @@ def _write_shard(shard: PlannedShard, partial: Path, file_mode: int, progress, n
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, file_mode)
         try:
-            _guard_disk_full(lambda: _fill_shard(shard, fd, progress), partial, needed)
+            _guard_disk_full(lambda: _fill_shard(shard, fd, progress, stream), partial, needed)
             os.fchmod(fd, file_mode)
         finally:
             os.close(fd)
@@ -233,12 +242,16 @@ def check_written_shard(path: Path, shard: PlannedShard) -> None:
         raise OutputError(f"shard {shard.file_name} header differs from the planned header after writing", path=path, fix="check the disk, then rerun with --resume")
 
 
-def _fill_shard(shard: PlannedShard, fd: int, progress) -> None:
+def _fill_shard(shard: PlannedShard, fd: int, progress, stream: StreamedInputs | None) -> None:
     throttle = float(os.environ.get(THROTTLE_ENV) or 0)
     os.pwrite(fd, shard.header, 0)
     offset = len(shard.header)
     for tensor in shard.tensors:
+        if stream:
+            stream.before_tensor(tensor)
         write_tensor(tensor.expr, fd, offset, progress)
+        if stream:
+            stream.after_tensor(tensor)
         offset += tensor.expr.nbytes
         if throttle:
             time.sleep(throttle)
@@ -330,10 +343,16 @@ def _copy_side_file(path: Path, destination: Path) -> None:
     os.chmod(destination / path.name, stat.S_IMODE(path.stat().st_mode))
 
 
-def _check_inputs_unchanged(plan: Plan) -> None:
-    """Re-read every input's headers: a shard that changed during the run makes the output suspect."""
+def _check_inputs_unchanged(plan: Plan, streamed: set[str]) -> None:
+    """Re-read every local input's headers: a shard that changed during the run makes the output suspect.
+
+    Streamed inputs are pinned to a Hub commit and each shard is checked against
+    its planned header on download, so they are skipped here.
+    """
     for key, checkpoint in plan.inputs.items():
-        if open_checkpoint(checkpoint.folder).fingerprint() != checkpoint.fingerprint():
+        if key in streamed:
+            continue
+        if open_checkpoint(checkpoint.folder, allowed_root=checkpoint.allowed_root).fingerprint() != checkpoint.fingerprint():
             raise OutputError(
                 f"input {key!r} changed while surgeon was writing",
                 path=checkpoint.folder,

@@ -1,0 +1,238 @@
+"""Hugging Face Hub references (`hf://ORG/NAME@REVISION`) as inputs, and pushing an output.
+
+huggingface_hub does all the network work and reads the user's settings itself:
+HF_TOKEN, HF_HOME, HF_HUB_CACHE, HF_ENDPOINT and HF_HUB_OFFLINE. This module
+picks the files surgeon needs and turns huggingface_hub's exceptions into
+HubError messages that give the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from surgeon.checkpoint import Checkpoint, open_checkpoint
+from surgeon.errors import CheckpointError, HubError
+
+logger = logging.getLogger(__name__)
+
+HUB_SCHEME = "hf://"
+# Top-level files surgeon reads or copies into the output. Weights in other formats are never fetched.
+WEIGHT_PATTERNS = ["*.safetensors", "model.safetensors.index.json"]
+SIDE_FILE_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "*.tiktoken",
+    "chat_template.jinja",
+    "chat_template.json",
+]
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+@dataclass(frozen=True)
+class HubReference:
+    """A model repository on the Hub and an optional revision (branch, tag or commit)."""
+
+    repo_id: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return f"{HUB_SCHEME}{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
+
+
+def parse_hub_reference(reference: str | Path) -> HubReference | None:
+    """Parse `hf://ORG/NAME` or `hf://ORG/NAME@REVISION`, or return None for a local path."""
+    text = str(reference)
+    if not text.startswith(HUB_SCHEME):
+        return None
+    repo_id, _, revision = text[len(HUB_SCHEME) :].partition("@")
+    if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id or repo_id.endswith((".", "-")):
+        raise HubError(
+            f"invalid Hub model reference {text!r}",
+            value=text,
+            fix="write hf://ORG/NAME or hf://ORG/NAME@REVISION, e.g. hf://HuggingFaceTB/SmolLM2-135M",
+        )
+    if "@" in text and not revision:
+        raise HubError(f"empty revision in {text!r}", value=text, fix="name a branch, tag or commit after '@', or drop the '@'")
+    return HubReference(repo_id, revision or None)
+
+
+def resolve_model_reference(reference: str | Path) -> Path:
+    """Return the local folder for a model reference: the path itself, or a Hub snapshot in the cache.
+
+    A Hub reference downloads only config, index, safetensors shards and
+    tokenizer files into the Hub cache (HF_HUB_CACHE), or reuses them from it.
+    """
+    hub_reference = parse_hub_reference(reference)
+    if hub_reference is None:
+        return _local_folder(Path(reference))
+
+    from huggingface_hub import snapshot_download
+
+    with translate_hub_errors(hub_reference):
+        folder = snapshot_download(
+            hub_reference.repo_id,
+            revision=hub_reference.revision,
+            allow_patterns=WEIGHT_PATTERNS + SIDE_FILE_PATTERNS,
+        )
+    logger.info("resolved %s to %s", hub_reference, folder)
+    return Path(folder)
+
+
+def open_model_reference(reference: str | Path) -> Checkpoint:
+    """Resolve a model reference and open its checkpoint, recording the Hub commit it came from."""
+    folder = resolve_model_reference(reference)
+    hub_reference = parse_hub_reference(reference)
+    if hub_reference is None:
+        return open_checkpoint(folder)
+
+    # A cache snapshot is models--ORG--NAME/snapshots/COMMIT/, and its files link into models--ORG--NAME/blobs/.
+    checkpoint = open_checkpoint(folder, allowed_root=folder.parent.parent)
+    checkpoint.source = str(HubReference(hub_reference.repo_id, folder.name))
+    return checkpoint
+
+
+def _local_folder(path: Path) -> Path:
+    if not path.exists() and _REPO_ID.fullmatch(str(path)) and "/" in str(path):
+        raise CheckpointError(
+            "input folder not found",
+            path=path,
+            fix=f"to download it from the Hugging Face Hub, write {HUB_SCHEME}{path}",
+        )
+    return path
+
+
+@contextlib.contextmanager
+def translate_hub_errors(reference: HubReference | str) -> Iterator[None]:
+    """Turn huggingface_hub's errors for `reference` into HubError with a fix."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo_id = reference.repo_id if isinstance(reference, HubReference) else reference
+    try:
+        yield
+    except GatedRepoError as error:
+        raise HubError(
+            f"{repo_id} is a gated repository and this token has no access",
+            value=str(reference),
+            fix=f"accept the conditions at https://huggingface.co/{repo_id}, then set HF_TOKEN or run `hf auth login`",
+        ) from error
+    except RepositoryNotFoundError as error:
+        raise HubError(
+            f"repository {repo_id} not found, or it is private and no valid token was sent",
+            value=str(reference),
+            fix="check the ORG/NAME spelling; for a private repository set HF_TOKEN or run `hf auth login`",
+        ) from error
+    except RevisionNotFoundError as error:
+        revision = reference.revision if isinstance(reference, HubReference) else None
+        raise HubError(
+            f"revision {revision!r} not found in {repo_id}",
+            value=str(reference),
+            fix="name an existing branch, tag or commit after '@', or drop '@REVISION' to use main",
+        ) from error
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
+        from huggingface_hub import constants
+
+        reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the Hub cannot be reached ({error})"
+        raise HubError(
+            f"{reference} is not in the local Hub cache ({constants.HF_HUB_CACHE}) and {reason}",
+            value=str(reference),
+            fix="unset HF_HUB_OFFLINE and check the network, or point HF_HUB_CACHE at a cache that holds this model",
+        ) from error
+    except RemoteEntryNotFoundError as error:
+        raise HubError(
+            f"a file surgeon needs is missing from {reference} ({error})",
+            value=str(reference),
+            fix="check that the repository holds a safetensors checkpoint with config.json",
+        ) from error
+    except HfHubHTTPError as error:
+        raise HubError(
+            f"Hub request for {reference} failed: {error}",
+            value=str(reference),
+            fix="retry later; if HF_ENDPOINT is set, check that it points at a Hub server",
+        ) from error
+
+
+def check_output_folder(folder: Path) -> None:
+    """Re-read an output's index, headers and surgeon.json, and reject a mismatch.
+
+    TODO: switch to surgeon.verify once it exists. This checks headers, sizes and
+    the index only, not tensor values.
+    """
+    from surgeon.errors import VerifyError
+    from surgeon.writer import MANIFEST_NAME
+
+    checkpoint = open_checkpoint(folder)
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise VerifyError(f"{MANIFEST_NAME} not found", path=folder, fix="push only folders written by `surgeon apply`")
+    manifest = json.loads(manifest_path.read_text())
+    headers = {shard.path.name: shard for shard in checkpoint.shards}
+    for entry in manifest["output"]["shards"]:
+        shard = headers.get(entry["file"])
+        if shard is None:
+            raise VerifyError(f"shard {entry['file']} listed in {MANIFEST_NAME} is missing", path=folder, fix="rerun `surgeon apply`")
+        prefixed = len(shard.header_bytes).to_bytes(8, "little") + shard.header_bytes
+        if shard.file_size != entry["size"] or hashlib.sha256(prefixed).hexdigest() != entry["header_sha256"]:
+            raise VerifyError(
+                f"shard {entry['file']} differs from {MANIFEST_NAME} in size or header",
+                path=shard.path,
+                fix="rerun `surgeon apply` to rewrite the output",
+            )
+    checkpoint.close()
+
+
+def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False) -> str:
+    """Check the output folder, create the repository if needed, upload the folder and return the commit URL.
+
+    The upload is resumable: running it again after an interruption skips the
+    files the Hub already has.
+    """
+    from huggingface_hub import HfApi, constants
+
+    folder = Path(folder)
+    if not _REPO_ID.fullmatch(repo_id) or "/" not in repo_id:
+        raise HubError(f"invalid repository id {repo_id!r} for --push-to-hub", value=repo_id, fix="write ORG/NAME, e.g. my-org/SmolLM2-tli")
+    if constants.HF_HUB_OFFLINE:
+        raise HubError("cannot push while HF_HUB_OFFLINE is set", value=repo_id, fix="unset HF_HUB_OFFLINE, then run the push again")
+    check_output_folder(folder)
+
+    api = HfApi()
+    with translate_hub_errors(repo_id):
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        upload_large_folder = getattr(api, "upload_large_folder", None)
+        if upload_large_folder is not None:
+            # NOTE: only huggingface_hub versions before 2.0 take this path, and no test covers it.
+            upload_large_folder(repo_id=repo_id, folder_path=folder, repo_type="model", private=private)
+            return f"{api.endpoint}/{repo_id}"
+        # huggingface_hub 2.x has no upload_large_folder. With hf_xet installed, its upload_folder
+        # commits large folders in several commits and resumes when run again.
+        try:
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message="Upload model written by surgeon")
+        except ValueError as error:
+            # huggingface_hub raises ValueError when the Hub rejects README.md metadata.
+            raise HubError(f"the Hub rejected the upload: {error}", path=folder / "README.md", fix="fix the model card metadata, then push again") from error
+    logger.info("pushed %s to %s", folder, commit.commit_url)
+    return commit.commit_url
