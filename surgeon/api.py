@@ -7,16 +7,64 @@ from pathlib import Path
 
 from surgeon.architectures import detect_architecture, split_layers
 from surgeon.checkpoint import Checkpoint, open_checkpoint
+from surgeon.errors import RecipeError
 from surgeon.plan import DEFAULT_MAX_SHARD_SIZE, DEFAULT_MODEL, Plan, compile_plan
 from surgeon.recipe import LoadedRecipe, load_recipe
 from surgeon.writer import WriteOptions, write_output
 
 
+def resolve_model_reference(reference: str, recipe_path: str, field: str) -> Path:
+    """Return the local folder a recipe's model reference names.
+
+    A relative path resolves against the recipe file's folder first and, when
+    nothing exists there, against the current directory.
+    """
+    if "://" in reference:
+        raise RecipeError(
+            f"model reference {reference!r} is not a local folder, and surgeon reads only local folders",
+            path=recipe_path,
+            field=field,
+            value=reference,
+            fix="download the model and give its folder path",
+        )
+    path = Path(reference).expanduser()
+    if path.is_absolute():
+        return path
+    beside_recipe = Path(recipe_path).parent / path
+    if beside_recipe.exists():
+        return beside_recipe
+    if path.exists():
+        return path
+    raise RecipeError(
+        f"model folder {reference!r} not found beside the recipe ({beside_recipe}) or in the current directory ({path.absolute()})",
+        path=recipe_path,
+        field=field,
+        value=reference,
+        fix="give an absolute path, or a path relative to the recipe file's folder",
+    )
+
+
 def open_inputs(recipe: LoadedRecipe, input_path: str | Path | None) -> dict[str, Checkpoint]:
-    """Open the command-line input as model `input`, plus any models the recipe names."""
+    """Open the command-line input as model `input`, plus the models the recipe names under `models:`."""
     inputs: dict[str, Checkpoint] = {}
     if input_path is not None:
         inputs[DEFAULT_MODEL] = open_checkpoint(input_path)
+    for key, reference in recipe.recipe.models.items():
+        if key == DEFAULT_MODEL and input_path is not None:
+            raise RecipeError(
+                f"the recipe names a model {DEFAULT_MODEL!r}, which is also the key of the command-line input",
+                path=recipe.path,
+                field=f"models.{key}",
+                fix="rename the model in the recipe, or leave out IN",
+            )
+        inputs[key] = open_checkpoint(resolve_model_reference(reference, recipe.path, f"models.{key}"))
+    if not inputs:
+        raise RecipeError(
+            "the recipe names no models and no input checkpoint was given",
+            path=recipe.path,
+            field="models",
+            fix="run `surgeon apply RECIPE IN OUT`, or list source models under `models:` in the recipe",
+        )
     return inputs
 
 

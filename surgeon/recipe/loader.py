@@ -17,6 +17,9 @@ from pydantic import BaseModel, ValidationError
 from surgeon.errors import RecipeError
 from surgeon.recipe.schema import STEP_MODELS, Recipe
 
+# The key of the checkpoint given on the command line (`surgeon apply RECIPE IN OUT`).
+COMMAND_LINE_MODEL = "input"
+
 
 @dataclass
 class LoadedRecipe:
@@ -127,6 +130,8 @@ def parse_recipe(text: str, path: str = "<recipe>") -> LoadedRecipe:
     except ValidationError as error:
         _raise_validation_error(error, (), lines, path, Recipe)
 
+    check_model_keys(recipe, path, lambda field_path: _nearest_line(lines, field_path))
+
     steps = []
     for index, step in enumerate(recipe.steps):
         if len(step) != 1:
@@ -153,6 +158,35 @@ def parse_recipe(text: str, path: str = "<recipe>") -> LoadedRecipe:
         except ValidationError as error:
             _raise_validation_error(error, ("steps", index, kind), lines, path, model)
     return LoadedRecipe(recipe=recipe, steps=steps, text=text, path=path)
+
+
+def model_references(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """Return every (field path, model key) pair in the recipe that names a source model."""
+    references: list[tuple[tuple, str]] = []
+    for index, layer_slice in enumerate(recipe.slices or []):
+        references.append((("slices", index, "model"), layer_slice.model))
+    for name in ("base_model", "tokenizer_model"):
+        if getattr(recipe, name) is not None:
+            references.append(((name,), getattr(recipe, name)))
+    for name in ("embeddings", "head"):
+        if getattr(recipe, name) is not None:
+            references.append(((name, "model"), getattr(recipe, name).model))
+    return references
+
+
+def check_model_keys(recipe: Recipe, path: str, line_of=lambda field_path: None) -> None:
+    """Reject a model key that is neither in `models` nor the command-line input `input`."""
+    known = list(recipe.models) + [COMMAND_LINE_MODEL]
+    for field_path, key in model_references(recipe):
+        if key not in known:
+            raise RecipeError(
+                f"unknown model {key!r}",
+                path=path,
+                line=line_of(field_path),
+                field=_format_path(field_path),
+                value=key,
+                choices=known,
+            )
 
 
 def load_recipe(path: str | Path) -> LoadedRecipe:
