@@ -28,15 +28,12 @@ def resolve_model_reference(reference: str, recipe_path: str, field: str) -> Pat
             fix="download the model and give its folder path",
         )
     path = Path(reference).expanduser()
-    if path.is_absolute():
-        return path
-    beside_recipe = Path(recipe_path).parent / path
-    if beside_recipe.exists():
-        return beside_recipe
-    if path.exists():
-        return path
+    candidates = [path] if path.is_absolute() else [Path(recipe_path).parent / path, path.absolute()]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
     raise RecipeError(
-        f"model folder {reference!r} not found beside the recipe ({beside_recipe}) or in the current directory ({path.absolute()})",
+        f"model folder {reference!r} not found (looked in {', '.join(str(candidate) for candidate in candidates)})",
         path=recipe_path,
         field=field,
         value=reference,

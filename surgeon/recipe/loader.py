@@ -7,6 +7,7 @@ valid choices.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,17 @@ def _nearest_line(lines: dict[tuple, int], path: tuple) -> int | None:
     return lines.get(path)
 
 
+def _model_in_annotation(annotation: Any) -> type[BaseModel] | None:
+    """Return the pydantic model inside an annotation such as `Optional[list[LayerSlice]]`, or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        found = _model_in_annotation(argument)
+        if found is not None:
+            return found
+    return None
+
+
 def _raise_validation_error(error: ValidationError, prefix: tuple, lines: dict[tuple, int], path: str, model: type[BaseModel]) -> None:
     errors = error.errors()
     # An unknown field usually explains a missing one (a typo), so report it first.
@@ -87,9 +99,10 @@ def _raise_validation_error(error: ValidationError, prefix: tuple, lines: dict[t
     elif first["type"] == "extra_forbidden":
         parent = model
         for part in first["loc"][:-1]:
+            if isinstance(part, int):
+                continue
             field_info = getattr(parent, "model_fields", {}).get(part)
-            annotation = getattr(field_info, "annotation", None)
-            parent = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else parent
+            parent = _model_in_annotation(getattr(field_info, "annotation", None)) or parent
         choices = list(getattr(parent, "model_fields", {}))
     message = first["msg"]
     if first["type"] == "extra_forbidden":
