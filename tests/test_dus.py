@@ -63,7 +63,7 @@ def test_dus_smollm2_second_copy_is_byte_copy(smollm2_dus, smollm2_dir):
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3_text", "qwen3", "phi3"])
 def test_dus_tiny_layer_order_and_types(arch, tiny_models, tmp_path):
     output = tmp_path / "out"
-    apply_recipe(recipe("version: 1\nsteps:\n  - dus: {overlap: 2}\n"), tiny_models[arch], output, options=None)
+    apply_recipe(recipe("version: 1\nsteps:\n  - dus: {overlap: 2}\n"), tiny_models[arch], output)
     source_tensors = read_tensors(tiny_models[arch])
     output_tensors = read_tensors(output)
     expected_sources = [0, 1, 2, 3, 2, 3, 4, 5]
@@ -141,3 +141,13 @@ def test_block_expansion_too_many_blocks(tiny_models, tmp_path):
         apply_recipe(recipe("version: 1\nsteps:\n  - block_expansion: {blocks: 4, span: [0.0, 0.5]}\n"), tiny_models["llama"], tmp_path / "out")
 
     assert raised.value.field == "steps[0].block_expansion.blocks"
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "recipes").glob("*.yaml")), ids=lambda path: path.stem)
+def test_shipped_recipe_parses_with_description(path):
+    from surgeon.recipe import load_recipe
+
+    loaded = load_recipe(path)
+
+    assert loaded.recipe.description
+    assert path.read_text().startswith("# Run: surgeon apply recipes/")
