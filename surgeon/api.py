@@ -7,6 +7,7 @@ from pathlib import Path
 
 from surgeon.architectures import detect_architecture, split_layers
 from surgeon.checkpoint import Checkpoint, open_checkpoint
+from surgeon.errors import RecipeError
 from surgeon.hub import HUB_SCHEME, open_model_reference, parse_hub_reference, push_to_hub
 from surgeon.plan import DEFAULT_MAX_SHARD_SIZE, DEFAULT_MODEL, Plan, compile_plan
 from surgeon.recipe import LoadedRecipe, load_recipe
@@ -22,11 +23,57 @@ def open_model_input(key: str, reference: str | Path, stream: StreamedInputs | N
     return open_model_reference(reference)
 
 
+def resolve_model_reference(reference: str, recipe_path: str, field: str) -> str | Path:
+    """Return what a recipe's model reference names: an `hf://` reference as it is, or a local folder.
+
+    A relative path resolves against the recipe file's folder first and, when
+    nothing exists there, against the current directory.
+    """
+    if parse_hub_reference(reference) is not None:
+        return reference
+    if "://" in reference:
+        raise RecipeError(
+            f"model reference {reference!r} uses a scheme surgeon does not read",
+            path=recipe_path,
+            field=field,
+            value=reference,
+            fix=f"give a local folder path or {HUB_SCHEME}ORG/NAME[@REVISION]",
+        )
+    path = Path(reference).expanduser()
+    candidates = [path] if path.is_absolute() else [Path(recipe_path).parent / path, path.absolute()]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    raise RecipeError(
+        f"model folder {reference!r} not found (looked in {', '.join(str(candidate) for candidate in candidates)})",
+        path=recipe_path,
+        field=field,
+        value=reference,
+        fix="give an absolute path, or a path relative to the recipe file's folder",
+    )
+
+
 def open_inputs(recipe: LoadedRecipe, input_path: str | Path | None, stream: StreamedInputs | None = None) -> dict[str, Checkpoint]:
-    """Open the command-line input as model `input`, plus any models the recipe names."""
+    """Open the command-line input as model `input`, plus the models the recipe names under `models:`."""
     inputs: dict[str, Checkpoint] = {}
     if input_path is not None:
         inputs[DEFAULT_MODEL] = open_model_input(DEFAULT_MODEL, input_path, stream)
+    for key, reference in recipe.recipe.models.items():
+        if key == DEFAULT_MODEL and input_path is not None:
+            raise RecipeError(
+                f"the recipe names a model {DEFAULT_MODEL!r}, which is also the key of the command-line input",
+                path=recipe.path,
+                field=f"models.{key}",
+                fix="rename the model in the recipe, or leave out IN",
+            )
+        inputs[key] = open_model_input(key, resolve_model_reference(reference, recipe.path, f"models.{key}"), stream)
+    if not inputs:
+        raise RecipeError(
+            "the recipe names no models and no input checkpoint was given",
+            path=recipe.path,
+            field="models",
+            fix="run `surgeon apply RECIPE IN OUT`, or list source models under `models:` in the recipe",
+        )
     return inputs
 
 

@@ -16,8 +16,11 @@ from surgeon.errors import PlanError
 from surgeon.plan.expressions import converted
 from surgeon.plan.layout import ModelLayout, layout_from_checkpoint
 from surgeon.plan.sharding import PlannedShard, PlannedTensor, assign_shards
+from surgeon.plan.slices import layout_from_slices
+from surgeon.plan.tokenizer_check import check_tokenizer_matches
 from surgeon.plan.steps import STEP_FUNCTIONS
 from surgeon.recipe import LoadedRecipe
+from surgeon.recipe.loader import model_references
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +103,17 @@ class Plan:
         }
 
 
+def recipe_base_model(recipe: LoadedRecipe, default: str = DEFAULT_MODEL) -> str:
+    """Return the key of the model whose config, tokenizer and side files the output takes."""
+    if recipe.recipe.base_model is not None:
+        return recipe.recipe.base_model
+    if recipe.recipe.slices:
+        return recipe.recipe.slices[0].model
+    return default
+
+
 def initial_layout(recipe: LoadedRecipe, inputs: dict[str, Checkpoint], base_model: str) -> ModelLayout:
-    """Return the unchanged layout of the base model, with the recipe's architecture override applied."""
+    """Return the layout the steps start from: the recipe's slices, or else the unchanged base model."""
     checkpoint = inputs[base_model]
     override = recipe.recipe.architecture
     arch = detect_architecture(checkpoint.config, str(checkpoint.folder / "config.json"), override.layer_prefix if override else None)
@@ -109,6 +121,15 @@ def initial_layout(recipe: LoadedRecipe, inputs: dict[str, Checkpoint], base_mod
         arch = Architecture(
             name=arch.name, model_types=arch.model_types, layer_prefix=override.layer_prefix,
             output_projections=tuple(override.output_projections),
+        )
+    if recipe.recipe.slices:
+        return layout_from_slices(
+            recipe.recipe,
+            inputs,
+            base_model,
+            arch,
+            slice_fields=recipe.extras.get("slice_fields"),
+            require_filter_matches=recipe.source_format == "surgeon",
         )
     return layout_from_checkpoint(base_model, checkpoint, arch)
 
@@ -142,9 +163,20 @@ def compile_plan(
     base_model: str = DEFAULT_MODEL,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
 ) -> Plan:
-    """Apply the recipe's steps to the base model's layout and place every tensor in a shard."""
-    if base_model not in inputs:
-        raise PlanError(f"base model {base_model!r} is not among the inputs {sorted(inputs)}")
+    """Apply the recipe's steps to the base model's layout and place every tensor in a shard.
+
+    A recipe that names its base model (or has slices) overrides `base_model`.
+    """
+    base_model = recipe_base_model(recipe, base_model)
+    missing = [key for _, key in model_references(recipe.recipe) if key not in inputs]
+    if base_model not in inputs or missing:
+        key = missing[0] if missing else base_model
+        raise PlanError(
+            f"model {key!r} is not among the inputs {sorted(inputs)}",
+            path=recipe.path,
+            value=key,
+            fix="pass the input checkpoint on the command line (`surgeon apply RECIPE IN OUT`), or name the model under `models:`",
+        )
     layout = initial_layout(recipe, inputs, base_model)
     for index, (kind, options) in enumerate(recipe.steps):
         layout = STEP_FUNCTIONS[kind](layout, options, index)
@@ -165,4 +197,7 @@ def compile_plan(
     if max_shard_size <= 0:
         raise PlanError(f"max shard size must be positive, got {max_shard_size}", field="max_shard_size", fix="pass e.g. --max-shard-size 5GB")
     shards = assign_shards(tensors, max_shard_size)
-    return Plan(recipe, inputs, base_model, layout, output_config(layout, dtype), tensors, shards, tokenizer_model=base_model)
+    tokenizer_model = recipe.recipe.tokenizer_model or base_model
+    embeddings_model = recipe.recipe.embeddings.model if recipe.recipe.embeddings else base_model
+    check_tokenizer_matches(inputs, tokenizer_model, embeddings_model)
+    return Plan(recipe, inputs, base_model, layout, output_config(layout, dtype), tensors, shards, tokenizer_model=tokenizer_model)

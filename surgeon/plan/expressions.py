@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from surgeon.checkpoint import Checkpoint, TensorInfo
-from surgeon.dtypes import DTYPE_SIZES, compute_dtype, decode
+from surgeon.dtypes import DTYPE_SIZES, compute_dtype, decode, encode
 from surgeon.errors import PlanError
 
 
@@ -260,7 +260,9 @@ class Converted(TensorExpr):
         return self.source.input_shards()
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
-        return self.source.read_rows(start, stop)
+        """Return the rows rounded to this dtype, so an expression built on top computes on the stored values."""
+        values = self.source.read_rows(start, stop)
+        return decode(encode(values, self.dtype), self.dtype, values.size)
 
     def describe(self) -> str:
         return f"{self.source.describe()} as {self.dtype}"

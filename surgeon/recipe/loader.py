@@ -7,6 +7,7 @@ valid choices.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from pydantic import BaseModel, ValidationError
 
 from surgeon.errors import RecipeError
 from surgeon.recipe.schema import STEP_MODELS, Recipe
+
+# The key of the checkpoint given on the command line (`surgeon apply RECIPE IN OUT`).
+COMMAND_LINE_MODEL = "input"
 
 
 @dataclass
@@ -72,6 +76,17 @@ def _nearest_line(lines: dict[tuple, int], path: tuple) -> int | None:
     return lines.get(path)
 
 
+def _model_in_annotation(annotation: Any) -> type[BaseModel] | None:
+    """Return the pydantic model inside an annotation such as `Optional[list[LayerSlice]]`, or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        found = _model_in_annotation(argument)
+        if found is not None:
+            return found
+    return None
+
+
 def _raise_validation_error(error: ValidationError, prefix: tuple, lines: dict[tuple, int], path: str, model: type[BaseModel]) -> None:
     errors = error.errors()
     # An unknown field usually explains a missing one (a typo), so report it first.
@@ -84,9 +99,10 @@ def _raise_validation_error(error: ValidationError, prefix: tuple, lines: dict[t
     elif first["type"] == "extra_forbidden":
         parent = model
         for part in first["loc"][:-1]:
+            if isinstance(part, int):
+                continue
             field_info = getattr(parent, "model_fields", {}).get(part)
-            annotation = getattr(field_info, "annotation", None)
-            parent = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else parent
+            parent = _model_in_annotation(getattr(field_info, "annotation", None)) or parent
         choices = list(getattr(parent, "model_fields", {}))
     message = first["msg"]
     if first["type"] == "extra_forbidden":
@@ -127,6 +143,8 @@ def parse_recipe(text: str, path: str = "<recipe>") -> LoadedRecipe:
     except ValidationError as error:
         _raise_validation_error(error, (), lines, path, Recipe)
 
+    check_model_keys(recipe, path, lambda field_path: _nearest_line(lines, field_path))
+
     steps = []
     for index, step in enumerate(recipe.steps):
         if len(step) != 1:
@@ -153,6 +171,35 @@ def parse_recipe(text: str, path: str = "<recipe>") -> LoadedRecipe:
         except ValidationError as error:
             _raise_validation_error(error, ("steps", index, kind), lines, path, model)
     return LoadedRecipe(recipe=recipe, steps=steps, text=text, path=path)
+
+
+def model_references(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """Return every (field path, model key) pair in the recipe that names a source model."""
+    references: list[tuple[tuple, str]] = []
+    for index, layer_slice in enumerate(recipe.slices or []):
+        references.append((("slices", index, "model"), layer_slice.model))
+    for name in ("base_model", "tokenizer_model"):
+        if getattr(recipe, name) is not None:
+            references.append(((name,), getattr(recipe, name)))
+    for name in ("embeddings", "head"):
+        if getattr(recipe, name) is not None:
+            references.append(((name, "model"), getattr(recipe, name).model))
+    return references
+
+
+def check_model_keys(recipe: Recipe, path: str, line_of=lambda field_path: None) -> None:
+    """Reject a model key that is neither in `models` nor the command-line input `input`."""
+    known = list(recipe.models) + [COMMAND_LINE_MODEL]
+    for field_path, key in model_references(recipe):
+        if key not in known:
+            raise RecipeError(
+                f"unknown model {key!r}",
+                path=path,
+                line=line_of(field_path),
+                field=_format_path(field_path),
+                value=key,
+                choices=known,
+            )
 
 
 def load_recipe(path: str | Path) -> LoadedRecipe:

@@ -107,12 +107,90 @@ class MoEStep(StrictModel):
             raise ValueError(f"layers lists an index twice: {self.layers}")
         return self
 
+class DUSStep(StrictModel):
+    """Depth Up-Scaling (SOLAR): layers [0, n - overlap) followed by layers [overlap, n)."""
+
+    overlap: PositiveInt
+
+
+class StackStep(StrictModel):
+    """G_stack: the whole layer stack repeated `times` times."""
+
+    times: int = Field(ge=2)
+
+
+class BlockExpansionStep(StrictModel):
+    """LLaMA Pro block expansion: `blocks` new identity layers spread evenly over a span of layers.
+
+    `span` gives the start and end of the span as fractions of the layer count
+    (Llama SLayer expands only the shallow half, `[0.0, 0.5]`).
+    """
+
+    blocks: PositiveInt
+    span: tuple[float, float] = (0.0, 1.0)
+    copy_from: Literal["previous", "mean"] = "previous"
+    zero: Optional[list[str]] = None
+
+    @field_validator("span")
+    @classmethod
+    def _ordered_fractions(cls, value: tuple[float, float]) -> tuple[float, float]:
+        start, end = value
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(f"span must be [start, end] with 0 <= start < end <= 1, got {list(value)}")
+        return value
+
 
 # Step kinds by recipe key. Each model's fields are the step's options.
 STEP_MODELS: dict[str, type[StrictModel]] = {
     "tli": TLIStep,
     "moe": MoEStep,
+    "dus": DUSStep,
+    "stack": StackStep,
+    "block_expansion": BlockExpansionStep,
 }
+
+
+class TensorFilter(StrictModel):
+    """A scale for the tensors a pattern selects; in a list of filters the first match decides.
+
+    `tensors` is a glob over the name suffix inside a layer (`self_attn.o_proj`)
+    or over the full name of a tensor outside the layers. `name_contains` is a
+    substring of the tensor's full name in its source model, which is how
+    mergekit's `filter` matches. A filter with neither selects every tensor.
+    """
+
+    tensors: Optional[str] = None
+    name_contains: Optional[str] = None
+    scale: float
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> "TensorFilter":
+        if self.tensors is not None and self.name_contains is not None:
+            raise ValueError("give either `tensors` or `name_contains`, not both")
+        return self
+
+
+class LayerSlice(StrictModel):
+    """Layers [start, end) of one source model, end exclusive, with optional scale filters."""
+
+    model: str
+    layers: tuple[int, int]
+    filters: list[TensorFilter] = Field(default_factory=list)
+
+    @field_validator("layers")
+    @classmethod
+    def _non_empty_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        start, end = value
+        if start < 0 or end <= start:
+            raise ValueError(f"layers must be [start, end] with 0 <= start < end (end exclusive), got {list(value)}")
+        return value
+
+
+class GlobalTensorsSource(StrictModel):
+    """The model that supplies tensors outside the decoder layers, with optional scale filters."""
+
+    model: str
+    filters: list[TensorFilter] = Field(default_factory=list)
 
 
 class ArchitectureOverride(StrictModel):
@@ -137,7 +215,21 @@ class Recipe(StrictModel):
     description: Optional[str] = None
     architecture: Optional[ArchitectureOverride] = None
     dtype: Optional[str] = None
-    steps: list[dict[str, Any]] = Field(min_length=1)
+    # Source models by key: a folder path (relative paths resolve against the recipe's folder first).
+    models: dict[str, str] = Field(default_factory=dict)
+    slices: Optional[list[LayerSlice]] = Field(default=None, min_length=1)
+    # Config, tokenizer and other non-weight files come from `base_model`; default: the first slice's model.
+    base_model: Optional[str] = None
+    tokenizer_model: Optional[str] = None
+    embeddings: Optional[GlobalTensorsSource] = None
+    head: Optional[GlobalTensorsSource] = None
+    steps: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _has_work(self) -> "Recipe":
+        if not self.steps and not self.slices:
+            raise ValueError("a recipe needs `steps`, `slices` or both")
+        return self
 
     @field_validator("dtype")
     @classmethod
