@@ -204,6 +204,13 @@ def split_layers(arch: Architecture, tensor_names: list[str], config: dict, sour
     global_names: list[str] = []
     for name in tensor_names:
         match = pattern.fullmatch(name)
+        if match and match.group(1) != str(int(match.group(1))):
+            raise CheckpointError(
+                f"layer index {match.group(1)!r} has a leading zero, which transformers would not load",
+                path=source,
+                tensor=name,
+                fix="rename the tensors to plain layer numbers (model.layers.1., not model.layers.01.)",
+            )
         if match:
             by_layer.setdefault(int(match.group(1)), []).append(match.group(2))
         else:
@@ -213,7 +220,7 @@ def split_layers(arch: Architecture, tensor_names: list[str], config: dict, sour
     if sorted(by_layer) != list(range(count)):
         missing = sorted(set(range(max(by_layer, default=-1) + 1)) - set(by_layer))
         raise CheckpointError(
-            f"decoder layers are not numbered 0..{count - 1}: layers {missing} have no tensors",
+            f"decoder layers are not numbered 0..{max(by_layer)} without gaps: layers {missing} have no tensors",
             path=source,
             fix="the checkpoint is incomplete; download the missing shards",
         )
@@ -228,7 +235,7 @@ def split_layers(arch: Architecture, tensor_names: list[str], config: dict, sour
     declared = config.get(arch.num_layers_field)
     if declared != count:
         raise ConfigError(
-            f"config says {arch.num_layers_field} = {declared}, but the tensors have {count} layers",
+            f"config says {arch.num_layers_field} = {declared!r}, but the tensors have {count} layers",
             path=f"{source}/config.json",
             field=arch.num_layers_field,
             value=declared,

@@ -82,7 +82,7 @@ class RecipeError(SurgeonError):
 
     def __init__(self, message: str, *, choices: Sequence[str] | None = None, **kwargs: Any) -> None:
         self.choices = list(choices) if choices else None
-        if self.choices and "fix" not in kwargs:
+        if self.choices and not kwargs.get("fix"):
             kwargs["fix"] = "use one of: " + ", ".join(self.choices)
         super().__init__(message, **kwargs)
 

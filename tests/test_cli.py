@@ -71,7 +71,8 @@ def test_apply_rejects_non_empty_output_without_force(tiny_models, tmp_path):
 
 def test_apply_force_replaces_output(tiny_models, tmp_path):
     output = tmp_path / "out"
-    output.mkdir()
+    first = run_surgeon("apply", "recipes/tli_k4.yaml", str(tiny_models["llama"]), str(output), "--quiet")
+    assert first.returncode == 0, first.stderr
     (output / "stale.txt").write_text("old")
     result = run_surgeon("apply", "recipes/tli_k4.yaml", str(tiny_models["llama"]), str(output), "--force", "--quiet")
     assert result.returncode == 0, result.stderr
@@ -181,3 +182,31 @@ def test_validate_checks_recipe_against_checkpoint(smollm2_dir):
     result = run_surgeon("validate", "recipes/tli_k8.yaml", str(smollm2_dir))
     assert result.returncode == 0, result.stderr
     assert "output has 33 layers" in result.stdout
+
+
+def test_apply_force_rejects_folder_surgeon_did_not_write(tiny_models, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "notes.txt").write_text("user data")
+    result = run_surgeon("apply", "recipes/tli_k4.yaml", str(tiny_models["llama"]), str(output), "--force")
+    assert result.returncode == 1
+    assert "surgeon did not write it" in result.stderr
+    assert (output / "notes.txt").read_text() == "user data"
+
+
+def test_apply_creates_missing_output_parents(tiny_models, tmp_path):
+    output = tmp_path / "new" / "folders" / "out"
+    result = run_surgeon("apply", "recipes/tli_k4.yaml", str(tiny_models["llama"]), str(output), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert (output / "model.safetensors").is_file()
+
+
+def test_apply_skips_side_file_linking_outside_input(tiny_models, tmp_path):
+    source = tmp_path / "input"
+    shutil.copytree(tiny_models["llama"], source)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of the model")
+    (source / "tokenizer_extra.txt").symlink_to(secret)
+    result = run_surgeon("apply", "recipes/tli_k4.yaml", str(source), str(tmp_path / "out"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "out" / "tokenizer_extra.txt").exists()

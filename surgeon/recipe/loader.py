@@ -38,12 +38,63 @@ class LoadedRecipe:
         return self.recipe.name or Path(self.path).stem
 
 
+# A recipe is a few hundred nodes; aliases that expand past this are an attack or a mistake.
+MAX_EXPANDED_NODES = 100_000
+
+
+class _RecipeYamlLoader(yaml.SafeLoader):
+    """A safe YAML loader that rejects duplicate keys, which plain YAML loading silently overwrites."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Count the nodes the document has once every alias is expanded, without expanding them."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) not in sizes:
+            children = []
+            if isinstance(node, yaml.MappingNode):
+                children = [child for pair in node.value for child in pair]
+            elif isinstance(node, yaml.SequenceNode):
+                children = node.value
+            sizes[id(node)] = 1 + sum(size(child) for child in children)
+        return sizes[id(node)]
+
+    return size(root)
+
+
+def _compose(text: str) -> yaml.Node | None:
+    """Return the YAML node graph of a recipe whose duplicate keys and alias expansion are checked."""
+    return yaml.compose(text, Loader=_RecipeYamlLoader)
+
+
 def _line_map(text: str) -> dict[tuple, int]:
     """Map each YAML path (keys and list indices) to its 1-based line."""
+    try:
+        return _node_lines(_compose(text))
+    except yaml.YAMLError:
+        return {}
+
+
+def _node_lines(root: yaml.Node | None) -> dict[tuple, int]:
+    """Map each YAML path (keys and list indices) to its 1-based line; an aliased node is walked once."""
     lines: dict[tuple, int] = {}
+    visited: set[int] = set()
 
     def walk(node: yaml.Node, path: tuple) -> None:
         lines[path] = node.start_mark.line + 1
+        if id(node) in visited:
+            return
+        visited.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 key = key_node.value
@@ -54,10 +105,6 @@ def _line_map(text: str) -> dict[tuple, int]:
             for index, item in enumerate(node.value):
                 walk(item, path + (index,))
 
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
     if root is not None:
         walk(root, ())
     return lines
@@ -107,6 +154,7 @@ def _raise_validation_error(error: ValidationError, prefix: tuple, lines: dict[t
     message = first["msg"]
     if first["type"] == "extra_forbidden":
         message = f"unknown field {first['loc'][-1]!r}"
+    fix = None if choices else "correct the value; docs/recipes.md lists every field and what it accepts"
     raise RecipeError(
         message,
         path=path,
@@ -114,13 +162,21 @@ def _raise_validation_error(error: ValidationError, prefix: tuple, lines: dict[t
         field=_format_path(location),
         value=first.get("input"),
         choices=choices,
+        fix=fix,
     ) from None
 
 
 def parse_recipe(text: str, path: str = "<recipe>") -> LoadedRecipe:
     """Parse recipe text; mergekit configs are translated into a surgeon recipe first."""
     try:
-        data = yaml.safe_load(text)
+        root = _compose(text)
+        if root is not None and _expanded_size(root) > MAX_EXPANDED_NODES:
+            raise RecipeError(
+                f"recipe expands to more than {MAX_EXPANDED_NODES:,} YAML nodes through anchors and aliases",
+                path=path,
+                fix="write the recipe without deeply nested aliases",
+            )
+        data = yaml.load(text, Loader=_RecipeYamlLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         raise RecipeError(
@@ -137,7 +193,7 @@ def parse_recipe(text: str, path: str = "<recipe>") -> LoadedRecipe:
 
         return translate_mergekit(data, text, path)
 
-    lines = _line_map(text)
+    lines = _node_lines(root)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as error:

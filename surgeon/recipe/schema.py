@@ -16,9 +16,22 @@ from surgeon.dtypes import FLOAT_DTYPES, dtype_from_name
 
 
 class StrictModel(BaseModel):
-    """A model that rejects unknown fields, so a typo in a recipe is an error, not a no-op."""
+    """A model that rejects unknown fields, NaN and infinity, and booleans given for numbers.
 
-    model_config = ConfigDict(extra="forbid")
+    YAML reads `yes` and `true` as booleans, which pydantic would otherwise accept as 1.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_booleans_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field_info = cls.model_fields.get(name)
+                if isinstance(value, bool) and field_info is not None and field_info.annotation in (int, float):
+                    raise ValueError(f"{name} must be a number, not the boolean {str(value).lower()}")
+        return data
 
 
 class NoiseSpec(StrictModel):

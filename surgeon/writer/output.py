@@ -9,6 +9,7 @@ shards already finished, which lets `resume=True` continue an interrupted run.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -81,36 +82,46 @@ def write_output(plan: Plan, output: str | Path, options: WriteOptions | None = 
     extra_bytes = sum(len(data) for data in metadata_files.values()) + sum(path.stat().st_size for path in side_files)
 
     stream = options.input_stream
-    with interrupts_raise(partial) as guard:
-        created = not partial.exists()
-        finished = _prepare_partial(plan, partial, options.resume, folder_mode)
-        remaining = [shard for shard in plan.shards if shard.file_name not in finished]
-        needed = sum(shard.size for shard in remaining) + extra_bytes
-        if options.check_space:
-            try:
-                check_free_space(output.parent, stream.predicted_peak_bytes + extra_bytes if stream else needed)
-            except DiskFullError:
-                if created:
-                    partial.rmdir()
-                raise
+    _create_parent(output)
+    lock = _lock_partial(partial) if partial.exists() else None
+    try:
+        with interrupts_raise(partial) as guard:
+            created = not partial.exists()
+            finished = _prepare_partial(plan, partial, options.resume, folder_mode)
+            if lock is None:
+                lock = _lock_partial(partial)
+            remaining = [shard for shard in plan.shards if shard.file_name not in finished]
+            needed = sum(shard.size for shard in remaining) + extra_bytes
+            if options.check_space:
+                try:
+                    check_free_space(output.parent, stream.predicted_peak_bytes + extra_bytes if stream else needed)
+                except DiskFullError:
+                    if created:
+                        partial.rmdir()
+                    raise
 
-        plan_fingerprint = plan.fingerprint()
-        with tqdm(total=needed - extra_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", disable=not options.progress) as bar:
-            for shard in remaining:
-                _write_shard(shard, partial, file_mode, bar.update, needed, stream)
-                needed -= shard.size
-                finished.add(shard.file_name)
-                journal = {"plan": plan_fingerprint, "finished": sorted(finished)}
-                _guard_disk_full(lambda: _write_json(partial / JOURNAL_NAME, journal, file_mode), partial, needed)
+            plan_fingerprint = plan.fingerprint()
+            stamps = {name: _stamp(partial / name) for name in finished}
+            with tqdm(total=needed - extra_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", disable=not options.progress) as bar:
+                for shard in remaining:
+                    _write_shard(shard, partial, file_mode, bar.update, needed, stream)
+                    needed -= shard.size
+                    finished.add(shard.file_name)
+                    stamps[shard.file_name] = _stamp(partial / shard.file_name)
+                    journal = {"plan": plan_fingerprint, "finished": sorted(finished), "stamps": stamps}
+                    _guard_disk_full(lambda: _write_json(partial / JOURNAL_NAME, journal, file_mode), partial, needed)
 
-        _guard_disk_full(lambda: _write_metadata_files(metadata_files, side_files, partial, file_mode), partial, needed)
-        _check_inputs_unchanged(plan, stream.models if stream else set())
-        if stream:
-            stream.finish()
-        guard.finish_uninterrupted()
-        (partial / JOURNAL_NAME).unlink()
-        _fsync_folder(partial)
-        _move_into_place(partial, output)
+            _guard_disk_full(lambda: _write_metadata_files(metadata_files, side_files, partial, file_mode), partial, needed)
+            _check_inputs_unchanged(plan, stream.models if stream else set())
+            if stream:
+                stream.finish()
+            guard.finish_uninterrupted()
+            (partial / JOURNAL_NAME).unlink()
+            _fsync_folder(partial)
+            _move_into_place(partial, output)
+    finally:
+        if lock is not None:
+            os.close(lock)
     logger.info("wrote %s (%d shards, %d bytes)", output, len(plan.shards), plan.output_bytes)
     return output
 
@@ -129,8 +140,15 @@ def check_output_location(output: Path, inputs: dict[str, Checkpoint], force: bo
                 )
     if output.exists() and not output.is_dir():
         raise OutputError("output path exists and is not a folder", path=output, fix="choose another output path")
-    if output.is_dir() and any(output.iterdir()) and not force:
-        raise OutputError("output folder exists and is not empty", path=output, fix="pass --force to replace it, or choose another folder")
+    if output.is_dir() and any(output.iterdir()):
+        if not force:
+            raise OutputError("output folder exists and is not empty", path=output, fix="pass --force to replace it, or choose another folder")
+        if not (output / MANIFEST_NAME).is_file():
+            raise OutputError(
+                f"output folder is not empty and has no {MANIFEST_NAME}, so surgeon did not write it; --force replaces only surgeon outputs",
+                path=output,
+                fix="delete the folder yourself if you mean to replace it, or choose another folder",
+            )
 
 
 def check_free_space(folder: Path, needed: int) -> None:
@@ -178,12 +196,45 @@ def _prepare_partial(plan: Plan, partial: Path, resume: bool, folder_mode: int) 
     finished = set()
     for shard in plan.shards:
         path = partial / shard.file_name
-        if shard.file_name in journal.get("finished", []) and path.is_file() and path.stat().st_size == shard.size:
+        recorded = journal.get("stamps", {}).get(shard.file_name)
+        if shard.file_name in journal.get("finished", []) and path.is_file() and recorded == _stamp(path):
             with open(path, "rb") as handle:
                 if handle.read(len(shard.header)) == shard.header:
                     finished.add(shard.file_name)
     logger.info("resuming: %d of %d shards already written", len(finished), len(plan.shards))
     return finished
+
+
+def _stamp(path: Path) -> list[int]:
+    """Return a finished shard's size and modification time; a shard changed since it was written fails the match."""
+    status = path.stat()
+    return [status.st_size, status.st_mtime_ns]
+
+
+def _create_parent(output: Path) -> None:
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(
+            f"cannot create the output's parent folder: {error.strerror}",
+            path=output.parent,
+            fix="choose an output folder in a writable location",
+        ) from error
+
+
+def _lock_partial(partial: Path) -> int:
+    """Lock the partial folder for this run; the lock ends when the process does, however it ends."""
+    descriptor = os.open(partial, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise OutputError(
+            "another surgeon run is writing this output now",
+            path=partial,
+            fix="wait for that run to finish, or stop it and rerun with --resume",
+        ) from None
+    return descriptor
 
 
 def _read_journal(plan: Plan, partial: Path) -> dict:
@@ -319,15 +370,26 @@ def _write_metadata_files(files: dict[str, bytes], side_files: list[Path], parti
 def list_side_files(source: Path) -> list[Path]:
     """Return every top-level non-weight file (tokenizer, chat template, generation config) to copy byte for byte."""
     side_files = []
+    roots = [root for root in (source.resolve(), _hub_blobs_folder(source)) if root is not None]
     for path in sorted(source.iterdir()):
         name = path.name
-        if name.startswith(".") or name in WRITTEN_NAMES or path.suffix in SKIPPED_SUFFIXES:
+        # An index of weights in another format (pytorch_model.bin.index.json) would point at files the output lacks.
+        if name.startswith(".") or name in WRITTEN_NAMES or path.suffix in SKIPPED_SUFFIXES or name.endswith(".index.json"):
             continue
         if not path.is_file():
             logger.info("not copying %s: only top-level files are copied", path)
             continue
+        if not any(path.resolve().is_relative_to(root) for root in roots):
+            logger.warning("not copying %s: it links to %s, outside the input folder", path, path.resolve())
+            continue
         side_files.append(path)
     return side_files
+
+
+def _hub_blobs_folder(folder: Path) -> Path | None:
+    """Return the blobs folder of a Hugging Face Hub cache snapshot, whose files link there."""
+    resolved = folder.resolve()
+    return resolved.parent.parent / "blobs" if resolved.parent.name == "snapshots" else None
 
 
 def copy_side_files(source: Path, destination: Path) -> list[str]:

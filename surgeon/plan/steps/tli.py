@@ -25,6 +25,13 @@ def apply_tli(layout: ModelLayout, step: TLIStep, step_index: int) -> ModelLayou
     if groups and len(groups[-1]) < step.every and step.remainder == "skip":
         skipped = groups.pop()
         logger.info("tli: last group %s is partial (%d of %d layers); no layer inserted", skipped, len(skipped), step.every)
+    if not groups:
+        raise PlanError(
+            f"tli inserts no layer: every = {step.every} is more than the {count} layers and remainder is 'skip'",
+            field=f"steps[{step_index}].tli.every",
+            value=step.every,
+            fix=f"use every <= {count}, or remainder: insert",
+        )
 
     new_layers: list[Layer] = []
     position = 0
@@ -82,14 +89,9 @@ def _make_layer(layout: ModelLayout, step: TLIStep, step_index: int, previous_in
             seed = derive_seed(step.noise.seed, f"step{step_index}:{layout.arch.layer_name(output_index, suffix)}")
             tensors[suffix] = WithNoise(tensors[suffix], step.noise.std, seed)
 
-    unmatched = [pattern for pattern in zero_patterns if not any(suffix_matches(suffix, pattern) for suffix in tensors)]
-    if unmatched:
-        raise PlanError(
-            f"tli: zero pattern(s) {unmatched} match no tensor of layer {previous_index if mode != 'next' else next_index}",
-            field="zero",
-            value=unmatched,
-            fix="use tensor name suffixes such as 'self_attn.o_proj' (see `surgeon inspect IN`)",
-        )
+    patterns = {"zero": zero_patterns, "scale": list(step.scale), "noise.tensors": step.noise.tensors if step.noise else []}
+    for field_name, field_patterns in patterns.items():
+        _check_patterns_match(field_name, field_patterns, list(tensors), step_index, previous_index if mode != "next" else next_index)
     if zeroed:
         init += ", zeroed " + ", ".join(zeroed)
     if step.scale:
@@ -99,3 +101,15 @@ def _make_layer(layout: ModelLayout, step: TLIStep, step_index: int, previous_in
 
     origin = LayerOrigin(base.origin.source_model, base.origin.source_layer, new=True, init=init)
     return Layer(tensors, dict(base.config_values), origin)
+
+
+def _check_patterns_match(field_name: str, patterns: list[str], suffixes: list[str], step_index: int, layer_index: int) -> None:
+    """Reject a tensor pattern that selects nothing: a typo there would silently change what the layer does."""
+    unmatched = [pattern for pattern in patterns if not any(suffix_matches(suffix, pattern) for suffix in suffixes)]
+    if unmatched:
+        raise PlanError(
+            f"tli: {field_name} pattern(s) {unmatched} match no tensor of layer {layer_index}",
+            field=f"steps[{step_index}].tli.{field_name}",
+            value=unmatched,
+            fix="use tensor name suffixes such as 'self_attn.o_proj' (see `surgeon inspect IN`)",
+        )
