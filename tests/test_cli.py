@@ -210,3 +210,26 @@ def test_apply_skips_side_file_linking_outside_input(tiny_models, tmp_path):
     result = run_surgeon("apply", "recipes/tli_k4.yaml", str(source), str(tmp_path / "out"), "--quiet")
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "out" / "tokenizer_extra.txt").exists()
+
+
+def test_plan_accepts_shipped_recipe_name(smollm2_dir):
+    result = run_surgeon("plan", "tli_k4", str(smollm2_dir), cwd=Path("/"))
+    assert result.returncode == 0, result.stderr
+    assert "output: 37 layers" in result.stdout
+
+
+def test_apply_rejects_second_concurrent_run(tiny_models, tmp_path):
+    import fcntl
+
+    output = tmp_path / "out"
+    partial = tmp_path / ".out.surgeon-partial"
+    partial.mkdir()
+    descriptor = os.open(partial, os.O_RDONLY)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    try:
+        result = run_surgeon("apply", "recipes/tli_k4.yaml", str(tiny_models["llama"]), str(output), "--resume")
+    finally:
+        os.close(descriptor)
+    assert result.returncode == 1
+    assert "another surgeon run is writing" in result.stderr
+    assert partial.is_dir()

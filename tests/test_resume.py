@@ -142,3 +142,28 @@ def test_verify_deep_uninterrupted_output(model: Path, uninterrupted: Path):
 
     assert result.returncode == 0, result.stderr
     assert "compared with the inputs" in result.stdout
+
+
+def test_resume_rewrites_changed_finished_shard(tmp_path):
+    """A finished shard altered before --resume is written again, so the output matches a clean run."""
+    model = build_tiny("llama", tmp_path / "model")
+    clean = tmp_path / "clean"
+    assert run_surgeon("apply", str(RECIPE), str(model), str(clean), "--max-shard-size", "100KB", "--quiet").returncode == 0
+
+    output = tmp_path / "out"
+    partial = tmp_path / ".out.surgeon-partial"
+    first = run_surgeon("apply", str(RECIPE), str(model), str(output), "--max-shard-size", "100KB", "--quiet")
+    assert first.returncode == 0, first.stderr
+    output.rename(partial)
+    journal = {"plan": json.loads((partial / "surgeon.json").read_text())["output"]["plan_fingerprint"]}
+    shard = sorted(partial.glob("model-*.safetensors"))[0]
+    journal["finished"] = [shard.name]
+    journal["stamps"] = {shard.name: [shard.stat().st_size, shard.stat().st_mtime_ns]}
+    (partial / JOURNAL_NAME).write_text(json.dumps(journal))
+    with open(shard, "r+b") as handle:
+        handle.seek(-1000, os.SEEK_END)
+        handle.write(b"\xff" * 1000)
+
+    resumed = run_surgeon("apply", str(RECIPE), str(model), str(output), "--max-shard-size", "100KB", "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (output / shard.name).read_bytes() == (clean / shard.name).read_bytes()

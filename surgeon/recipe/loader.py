@@ -261,10 +261,14 @@ def check_model_keys(recipe: Recipe, path: str, line_of=lambda field_path: None)
 def load_recipe(path: str | Path) -> LoadedRecipe:
     """Read and validate the recipe file at `path`."""
     path = Path(path)
+    if not path.exists() and "/" not in str(path):
+        from surgeon.recipe.catalog import find_shipped_recipe
+
+        path = find_shipped_recipe(str(path)) or path
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError("recipe file not found", path=path, fix="check the path, or run `surgeon recipes` to list the shipped ones") from None
+        raise RecipeError("recipe file not found", path=path, fix="check the path, or give the name of a shipped recipe from `surgeon recipes`, such as tli_k4") from None
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError(f"cannot read recipe: {error}", path=path, fix="pass a UTF-8 YAML file") from error
     return parse_recipe(text, str(path))
