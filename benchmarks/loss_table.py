@@ -25,6 +25,7 @@ ROWS: list[tuple[str, Path | None]] = [
     ("base SmolLM2-135M-Instruct", None),
     ("TLI K=4 (tli_k4.yaml)", REPO_ROOT / "recipes" / "tli_k4.yaml"),
     ("DUS m=8 (dus_solar.yaml)", REPO_ROOT / "recipes" / "dus_solar.yaml"),
+    ("MoE 4 experts, top-2, zero router (moe_4x_top2.yaml)", REPO_ROOT / "recipes" / "moe_4x_top2.yaml"),
 ]
 
 
