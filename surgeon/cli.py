@@ -147,7 +147,7 @@ def plan_command(recipe: str, input_path: str | None, max_shard_size: str, strea
         marker = "  NEW" if entry["new"] else ""
         click.echo(f"  {entry['index']:>4} <- {entry['source_model']}:{entry['source_layer']}{marker}  {entry['init'] if entry['new'] else ''}".rstrip())
     for key, checkpoint in plan.inputs.items():
-        click.echo(f"input {key}: {checkpoint.parameter_count():,} parameters")
+        click.echo(f"model '{key}': {checkpoint.parameter_count():,} parameters")
     click.echo(f"output: {len(plan.layout.layers)} layers, {plan.parameter_count():,} parameters")
     kinds: dict[str, int] = {}
     for tensor in plan.tensors:

@@ -25,7 +25,7 @@ def render_model_card(plan: Plan, base_model_ids: list[str] | None = None) -> st
         front_matter,
         "---",
         "",
-        f"# {plan.recipe.name}",
+        "# " + " ".join(plan.recipe.name.split()),
         "",
         f"This model was made with surgeon from {', '.join(base_model_ids or sorted(plan.inputs))} "
         f"by the recipe below. It has {len(plan.layout.layers)} decoder layers "
