@@ -5,8 +5,9 @@ Writes a synthetic bf16 checkpoint (hidden 4096, intermediate 14336, 32 heads,
 copies the input shards with `cp` and applies `recipes/tli_k4.yaml`-style TLI
 (K=2, so small inputs still gain layers) with `surgeon apply` in a subprocess.
 Prints wall time, peak RSS of the surgeon process and its throughput as a
-ratio to `cp`'s. Repeat counts alternate the two commands so page-cache
-warmth favours neither.
+ratio to `cp`'s, and to `cp` followed by `sync` of the copies: surgeon flushes
+every shard to disk before it counts as written, which plain `cp` does not.
+Repeats alternate the commands so page-cache warmth favours none of them.
 
 With `--moe-experts`, each run applies the `moe` step instead (top-2, zero
 router, per-expert layout) once per expert count, so the output grows with
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -122,13 +124,20 @@ def benchmark(workdir: Path, num_layers: int, repeats: int, recipe: Path) -> dic
         write_checkpoint(source, num_layers)
     input_bytes = folder_bytes(source)
     copy_target, output = workdir / "cp-out", workdir / "tli-out"
-    best_cp, best_surgeon, peak_rss = float("inf"), float("inf"), 0
+    best_cp, best_cp_sync, best_surgeon, peak_rss = float("inf"), float("inf"), float("inf"), 0
+    shards = sorted(str(path) for path in source.glob("*.safetensors"))
+    copies = [str(copy_target / Path(shard).name) for shard in shards]
     for _ in range(repeats):
         shutil.rmtree(copy_target, ignore_errors=True)
         copy_target.mkdir()
-        shards = sorted(str(path) for path in source.glob("*.safetensors"))
         elapsed, _ = run_measured(["cp", *shards, str(copy_target)])
         best_cp = min(best_cp, elapsed)
+
+        shutil.rmtree(copy_target, ignore_errors=True)
+        copy_target.mkdir()
+        command = f"{shlex.join(['cp', *shards, str(copy_target)])} && {shlex.join(['sync', *copies])}"
+        elapsed, _ = run_measured(["sh", "-c", command])
+        best_cp_sync = min(best_cp_sync, elapsed)
 
         shutil.rmtree(output, ignore_errors=True)
         elapsed, rss = run_measured([sys.executable, "-m", "surgeon", "apply", str(recipe), str(source), str(output), "--quiet"])
@@ -142,9 +151,11 @@ def benchmark(workdir: Path, num_layers: int, repeats: int, recipe: Path) -> dic
         "input_gb": input_bytes / 1e9,
         "output_gb": output_bytes / 1e9,
         "cp_s": best_cp,
+        "cp_sync_s": best_cp_sync,
         "surgeon_s": best_surgeon,
         "peak_rss_mib": peak_rss,
         "ratio": (output_bytes / best_surgeon) / (input_bytes / best_cp),
+        "ratio_sync": (output_bytes / best_surgeon) / (input_bytes / best_cp_sync),
     }
 
 
@@ -185,13 +196,13 @@ def main() -> None:
         recipe = args.workdir / "tli_k2.yaml"
         recipe.write_text("version: 1\nname: tli-k2\nsteps:\n  - tli:\n      every: 2\n")
 
-    print("| input layers | input GB | output GB | cp s | surgeon s | surgeon peak RSS MiB | throughput vs cp |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| input layers | input GB | output GB | cp s | cp + sync s | surgeon s | surgeon peak RSS MiB | throughput vs cp | vs cp + sync |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for num_layers in args.layers:
         row = benchmark(args.workdir, num_layers, args.repeats, recipe)
         print(
-            f"| {row['layers']} | {row['input_gb']:.2f} | {row['output_gb']:.2f} | {row['cp_s']:.2f} | {row['surgeon_s']:.2f} "
-            f"| {row['peak_rss_mib']} | {row['ratio']:.2f}x |",
+            f"| {row['layers']} | {row['input_gb']:.2f} | {row['output_gb']:.2f} | {row['cp_s']:.2f} | {row['cp_sync_s']:.2f} "
+            f"| {row['surgeon_s']:.2f} | {row['peak_rss_mib']} | {row['ratio']:.2f}x | {row['ratio_sync']:.2f}x |",
             flush=True,
         )
         if not args.keep:

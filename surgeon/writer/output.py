@@ -28,7 +28,7 @@ from surgeon.errors import DiskFullError, HeaderError, OutputError, ResumeError
 from surgeon.plan import Plan, PlannedShard
 from surgeon.writer.interrupt import interrupts_raise
 from surgeon.writer.model_card import render_model_card
-from surgeon.writer.tensor_data import write_tensor
+from surgeon.writer.tensor_data import contiguous_runs, copy_range, merged_range, write_tensor
 
 if TYPE_CHECKING:
     from surgeon.streamed_inputs import StreamedInputs
@@ -297,15 +297,20 @@ def _fill_shard(shard: PlannedShard, fd: int, progress, stream: StreamedInputs |
     throttle = float(os.environ.get(THROTTLE_ENV) or 0)
     os.pwrite(fd, shard.header, 0)
     offset = len(shard.header)
-    for tensor in shard.tensors:
+    for run in contiguous_runs(shard.tensors):
         if stream:
-            stream.before_tensor(tensor)
-        write_tensor(tensor.expr, fd, offset, progress)
+            for tensor in run:
+                stream.before_tensor(tensor)
+        if len(run) == 1:
+            write_tensor(run[0].expr, fd, offset, progress)
+        else:
+            copy_range(merged_range(run), fd, offset, progress)
         if stream:
-            stream.after_tensor(tensor)
-        offset += tensor.expr.nbytes
+            for tensor in run:
+                stream.after_tensor(tensor)
+        offset += sum(tensor.expr.nbytes for tensor in run)
         if throttle:
-            time.sleep(throttle)
+            time.sleep(throttle * len(run))
     os.fsync(fd)
 
 

@@ -115,3 +115,28 @@ def write_tensor(expr: TensorExpr, fd: int, offset: int, progress: Progress) -> 
         write_zeros(expr.nbytes, fd, offset, progress)
     else:
         write_computed(expr, fd, offset, progress)
+
+
+def contiguous_runs(tensors: list) -> list[list]:
+    """Group consecutive planned tensors whose input bytes follow each other in one shard.
+
+    A run is written with one kernel copy, which is faster than one copy per
+    tensor. Every tensor that is not a plain byte copy forms a run of its own.
+    """
+    runs: list[list] = []
+    previous_end = None
+    for tensor in tensors:
+        source = tensor.expr.byte_range() if tensor.expr.parts() is None else None
+        start = (source.checkpoint, source.info.shard, source.info.offset + source.start) if source else None
+        if source is not None and runs and start == previous_end:
+            runs[-1].append(tensor)
+        else:
+            runs.append([tensor])
+        previous_end = (source.checkpoint, source.info.shard, source.info.offset + source.start + source.length) if source else None
+    return runs
+
+
+def merged_range(run: list) -> ByteRange:
+    """Return the single input byte range that a run of contiguous byte copies reads."""
+    first = run[0].expr.byte_range()
+    return ByteRange(first.checkpoint, first.info, first.start, sum(tensor.expr.nbytes for tensor in run))
