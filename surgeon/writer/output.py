@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import stat
+from concurrent.futures import Future, ThreadPoolExecutor
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,14 +103,26 @@ def write_output(plan: Plan, output: str | Path, options: WriteOptions | None = 
 
             plan_fingerprint = plan.fingerprint()
             stamps = {name: _stamp(partial / name) for name in finished}
-            with tqdm(total=needed - extra_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", disable=not options.progress) as bar:
+            def finish_and_record(shard: PlannedShard, fd: int, still_needed: int) -> None:
+                _finish_shard(shard, fd, partial, still_needed)
+                finished.add(shard.file_name)
+                stamps[shard.file_name] = _stamp(partial / shard.file_name)
+                journal = {"plan": plan_fingerprint, "finished": sorted(finished), "stamps": stamps}
+                _guard_disk_full(lambda: _write_json(partial / JOURNAL_NAME, journal, file_mode), partial, still_needed)
+
+            # One worker flushes shard k to disk while this thread writes shard k + 1, so at most
+            # one shard waits for its flush and the disk's writeback overlaps the copying.
+            with tqdm(total=needed - extra_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", disable=not options.progress) as bar, \
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="surgeon-flush") as flusher:
+                flushing: Future | None = None
                 for shard in remaining:
-                    _write_shard(shard, partial, file_mode, bar.update, needed, stream)
+                    fd = _write_shard_data(shard, partial, file_mode, bar.update, needed, stream)
                     needed -= shard.size
-                    finished.add(shard.file_name)
-                    stamps[shard.file_name] = _stamp(partial / shard.file_name)
-                    journal = {"plan": plan_fingerprint, "finished": sorted(finished), "stamps": stamps}
-                    _guard_disk_full(lambda: _write_json(partial / JOURNAL_NAME, journal, file_mode), partial, needed)
+                    if flushing is not None:
+                        flushing.result()
+                    flushing = flusher.submit(finish_and_record, shard, fd, needed + shard.size)
+                if flushing is not None:
+                    flushing.result()
 
             _guard_disk_full(lambda: _write_metadata_files(metadata_files, side_files, partial, file_mode), partial, needed)
             _check_inputs_unchanged(plan, stream.models if stream else set())
@@ -255,23 +268,38 @@ def _read_journal(plan: Plan, partial: Path) -> dict:
     return journal
 
 
-def _write_shard(shard: PlannedShard, partial: Path, file_mode: int, progress, needed: int, stream: StreamedInputs | None) -> None:
-    """Write one shard to a `.tmp` file, flush and check it, then rename it to its final name.
+def _write_shard_data(shard: PlannedShard, partial: Path, file_mode: int, progress, needed: int, stream: StreamedInputs | None) -> int:
+    """Write one shard's header and data to its `.tmp` file and return the open descriptor, not yet flushed.
 
     On any failure the `.tmp` file is removed, so a full disk gets its space back
     and the partial folder holds only finished shards.
     """
-    target = partial / shard.file_name
-    temporary = target.with_name(target.name + ".tmp")
+    temporary = partial / (shard.file_name + ".tmp")
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, file_mode)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        raise
+    try:
+        _guard_disk_full(lambda: _fill_shard(shard, fd, progress, stream), partial, needed)
+        os.fchmod(fd, file_mode)
+    except BaseException:
+        os.close(fd)
+        temporary.unlink(missing_ok=True)
+        raise
+    return fd
+
+
+def _finish_shard(shard: PlannedShard, fd: int, partial: Path, needed: int) -> None:
+    """Flush a written shard, check its header and size, then rename it to its final name."""
+    temporary = partial / (shard.file_name + ".tmp")
+    try:
         try:
-            _guard_disk_full(lambda: _fill_shard(shard, fd, progress, stream), partial, needed)
-            os.fchmod(fd, file_mode)
+            _guard_disk_full(lambda: os.fsync(fd), partial, needed)
         finally:
             os.close(fd)
         check_written_shard(temporary, shard)
-        os.replace(temporary, target)
+        os.replace(temporary, partial / shard.file_name)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -311,7 +339,6 @@ def _fill_shard(shard: PlannedShard, fd: int, progress, stream: StreamedInputs |
         offset += sum(tensor.expr.nbytes for tensor in run)
         if throttle:
             time.sleep(throttle * len(run))
-    os.fsync(fd)
 
 
 def _guard_disk_full(action, partial: Path, needed: int) -> None:
