@@ -87,6 +87,21 @@ def hub_base_model_ids(plan: Plan) -> list[str]:
     return ids
 
 
+def check_every_input_used(plan: Plan) -> None:
+    """Reject an input the plan never reads: it would be recorded in surgeon.json as a source all the same."""
+    used = {plan.base_model, plan.tokenizer_model}
+    for tensor in plan.tensors:
+        used.update(shard.model for shard in tensor.expr.input_shards())
+    unused = sorted(set(plan.inputs) - used)
+    if unused:
+        raise RecipeError(
+            f"input model(s) {unused} are not used by this recipe",
+            path=plan.recipe.path,
+            value=unused,
+            fix="leave IN out when the recipe names its own models" if unused == [DEFAULT_MODEL] else "remove the unused models from `models:`",
+        )
+
+
 def plan_recipe(
     recipe: str | Path | LoadedRecipe,
     input_path: str | Path | None,
@@ -102,6 +117,7 @@ def plan_recipe(
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
     inputs = open_inputs(loaded, input_path, stream)
     plan = compile_plan(loaded, inputs, max_shard_size=max_shard_size)
+    check_every_input_used(plan)
     if stream is not None:
         stream.prepare(plan)
     return plan

@@ -159,6 +159,22 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("gemma2", ("gemma2",), default_layer_types=_gemma2_layer_types),
         Architecture("gemma3_text", ("gemma3_text",), default_layer_types=_gemma3_layer_types),
         Architecture("phi3", ("phi3",), mlp_projections={"gate_up": "mlp.gate_up_proj", "down": "mlp.down_proj"}),
+        # MoE checkpoints as published (and as the `moe` step writes them), one tensor per expert.
+        Architecture("mixtral", ("mixtral",), output_projections=("self_attn.o_proj", "block_sparse_moe.experts.*.w2"), mlp_projections={}),
+        Architecture(
+            "qwen2_moe",
+            ("qwen2_moe",),
+            output_projections=("self_attn.o_proj", "mlp.experts.*.down_proj", "mlp.shared_expert.down_proj"),
+            default_layer_types=_qwen_layer_types,
+            mlp_projections={},
+        ),
+        Architecture(
+            "qwen3_moe",
+            ("qwen3_moe",),
+            output_projections=("self_attn.o_proj", "mlp.experts.*.down_proj"),
+            default_layer_types=_qwen_layer_types,
+            mlp_projections={},
+        ),
     )
 }
 

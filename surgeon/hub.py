@@ -155,11 +155,13 @@ def translate_hub_errors(reference: HubReference | str) -> Iterator[None]:
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
         from huggingface_hub import constants
 
-        reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the Hub cannot be reached ({error})"
+        offline = constants.HF_HUB_OFFLINE
+        reason = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached (" + " ".join(str(error).split())[:200] + ")"
+        fix = "unset HF_HUB_OFFLINE" if offline else "check the network and HF_ENDPOINT"
         raise HubError(
             f"{reference} is not in the local Hub cache ({constants.HF_HUB_CACHE}) and {reason}",
             value=str(reference),
-            fix="unset HF_HUB_OFFLINE and check the network, or point HF_HUB_CACHE at a cache that holds this model",
+            fix=f"{fix}, or point HF_HUB_CACHE at a cache that holds this model",
         ) from error
     except RemoteEntryNotFoundError as error:
         raise HubError(
@@ -167,9 +169,16 @@ def translate_hub_errors(reference: HubReference | str) -> Iterator[None]:
             value=str(reference),
             fix="check that the repository holds a safetensors checkpoint with config.json",
         ) from error
+    except ValueError as error:
+        # A server that answers with something other than the Hub's JSON (a proxy's HTML page, say).
+        raise HubError(
+            f"the Hub server's answer for {reference} is not valid ({error})",
+            value=str(reference),
+            fix="check that HF_ENDPOINT, if set, points at a Hugging Face Hub server",
+        ) from error
     except HfHubHTTPError as error:
         raise HubError(
-            f"Hub request for {reference} failed: {error}",
+            "Hub request for " + str(reference) + " failed: " + " ".join(str(error).split())[:300],
             value=str(reference),
             fix="retry later; if HF_ENDPOINT is set, check that it points at a Hub server",
         ) from error

@@ -233,3 +233,30 @@ def test_apply_rejects_second_concurrent_run(tiny_models, tmp_path):
     assert result.returncode == 1
     assert "another surgeon run is writing" in result.stderr
     assert partial.is_dir()
+
+
+def test_apply_overflowing_scale_names_tensor(tiny_models, tmp_path):
+    recipe = tmp_path / "overflow.yaml"
+    recipe.write_text('version: 1\ndtype: float16\nsteps:\n  - tli: {every: 2, scale: {"mlp.gate_proj": 1.0e8}}\n')
+    result = run_surgeon("apply", str(recipe), str(tiny_models["llama"]), str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "F16 cannot hold" in result.stderr
+    assert "mlp.gate_proj.weight" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_apply_unused_input_rejected(tiny_models, tmp_path):
+    recipe = tmp_path / "slices.yaml"
+    recipe.write_text(
+        f"version: 1\nmodels:\n  a: {tiny_models['llama']}\nslices:\n  - model: a\n    layers: [0, 6]\n"
+    )
+    result = run_surgeon("apply", str(recipe), str(tiny_models["qwen2"]), str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "not used by this recipe" in result.stderr
+
+
+def test_train_rejects_run_folder_inside_checkpoint(tiny_models):
+    result = run_surgeon("train", str(tiny_models["llama"]), "--data", "/usr/share/common-licenses/GPL-3", "--out", str(tiny_models["llama"] / "run"))
+    assert result.returncode != 0
+    assert "overlaps the checkpoint folder" in result.stderr
+    assert not (tiny_models["llama"] / "run").exists()

@@ -100,7 +100,7 @@ def test_disk_full_mid_write_resumes(model: Path, expected_output: Path, tmp_pat
         assert "Traceback" not in full.stderr
         assert not output.exists()
         assert partial.is_dir()
-        assert not list(partial.glob("*.tmp"))
+        assert not list(partial.glob("*.tmp")), (sorted(path.name for path in partial.iterdir()), full.stderr)
         assert list(partial.glob("*.safetensors"))
 
         remount(disk, f"size={LARGE_DISK}")

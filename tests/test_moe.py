@@ -302,3 +302,36 @@ def test_partial_reinit_chunking_invariant():
         whole = redrawn.read_rows(0, 10)
         pieces = np.concatenate([redrawn.read_rows(0, 3), redrawn.read_rows(3, 10)])
         assert np.array_equal(whole, pieces), f"axis {axis}"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_moe_output_passes_verify(arch, tiny_models, tmp_path):
+    from surgeon.verify import verify_output
+
+    output = upcycle(moe_recipe(experts=2, experts_per_token=1), tiny_models[arch], tmp_path / "out")
+    verify_output(output)
+
+
+def test_tli_on_moe_output_keeps_function(tiny_models, tmp_path, random_tokens):
+    moe = upcycle(moe_recipe(experts=2, experts_per_token=2), tiny_models["llama"], tmp_path / "moe")
+    grown = tmp_path / "grown"
+    apply_recipe(parse_recipe("version: 1\nsteps:\n  - tli: {every: 3}\n", "tli.yaml"), moe, grown, options=WriteOptions(progress=False))
+    grown_model, info = load(grown)
+    difference = (logits(load(moe)[0], random_tokens) - logits(grown_model, random_tokens)).abs().max().item()
+    assert not info["missing_keys"]
+    assert difference <= 1e-5
+
+
+def test_qwen3_mixed_attention_kinds_rejected(tmp_path):
+    source = build_tiny("qwen3", tmp_path / "qwen3", use_sliding_window=True, sliding_window=8, max_window_layers=3)
+    with pytest.raises(ArchitectureError, match="mixes sliding-window and full-attention"):
+        plan_recipe(parse_recipe(moe_recipe(experts=2, experts_per_token=1), "moe.yaml"), source)
+
+
+def test_layer_count_change_after_partial_moe_rejected(tiny_models):
+    text = (
+        "version: 1\nsteps:\n  - moe: {experts: 2, experts_per_token: 1, layers: [0, 2, 4]}\n"
+        "  - stack: {times: 2}\n"
+    )
+    with pytest.raises(PlanError, match="mlp_only_layers"):
+        plan_recipe(parse_recipe(text, "moe_stack.yaml"), tiny_models["qwen2"])

@@ -179,8 +179,17 @@ def compile_plan(
         )
     layout = initial_layout(recipe, inputs, base_model)
     for index, (kind, options) in enumerate(recipe.steps):
+        count_before = len(layout.layers)
+        dense_layers = layout.config.get("mlp_only_layers")
         layout = STEP_FUNCTIONS[kind](layout, options, index)
         logger.debug("after step %d (%s): %d layers", index, kind, len(layout.layers))
+        if dense_layers and len(layout.layers) != count_before:
+            # NOTE: mlp_only_layers holds layer indices, which a step that adds or removes layers would invalidate.
+            raise PlanError(
+                f"step {kind!r} changes the layer count of a model whose layers {dense_layers} stay dense (mlp_only_layers)",
+                field=f"steps[{index}]",
+                fix="put the moe step after every step that adds or removes layers, or make every layer sparse",
+            )
 
     dtype = recipe.recipe.dtype
     named = layout.tensors()

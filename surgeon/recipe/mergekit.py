@@ -25,6 +25,8 @@ RecipeError naming it, never ignored.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 from pydantic import ValidationError
@@ -102,8 +104,8 @@ class _Translator:
             value = item["value"]
             if isinstance(value, list):
                 raise self.error("gradient values are not supported", item_path + ("value",), value=value, fix="give one number")
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise self.error(f"scale value must be a number, got {value!r}", item_path + ("value",), value=value)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise self.error(f"scale value must be a finite number, got {value!r}", item_path + ("value",), value=value)
             selector = item.get("filter")
             if selector is not None and not isinstance(selector, str):
                 raise self.error(f"filter must be a string, got {selector!r}", item_path + ("filter",), value=selector)

@@ -129,7 +129,8 @@ class DUSStep(StrictModel):
 class StackStep(StrictModel):
     """G_stack: the whole layer stack repeated `times` times."""
 
-    times: int = Field(ge=2)
+    # The bound keeps a typo from planning millions of layers; 64 copies of a 405B stack is already far past any use.
+    times: int = Field(ge=2, le=64)
 
 
 class BlockExpansionStep(StrictModel):

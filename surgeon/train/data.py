@@ -34,17 +34,32 @@ def read_documents(paths: Sequence[str | Path]) -> list[str]:
         if path.suffix.lower() in JSONL_SUFFIXES:
             documents.extend(_read_jsonl_texts(path))
         else:
-            documents.append(path.read_text(encoding="utf-8"))
+            try:
+                documents.append(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as error:
+                raise TrainingError(
+                    f"data file is not UTF-8 text (byte {error.start})",
+                    path=path,
+                    fix="pass plain text files or JSONL files with a `text` field",
+                ) from error
 
     if not any(document.strip() for document in documents):
         raise TrainingError("the data files contain no text", value=[str(path) for path in paths])
     return documents
 
 
+def _decoded_lines(lines, path: Path):
+    """Yield the lines of a text file, turning a decoding failure into a TrainingError."""
+    try:
+        yield from lines
+    except UnicodeDecodeError as error:
+        raise TrainingError(f"data file is not UTF-8 text (byte {error.start})", path=path, fix="pass UTF-8 JSONL with a `text` field") from error
+
+
 def _read_jsonl_texts(path: Path) -> list[str]:
     texts = []
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
+    with path.open(encoding="utf-8", errors="strict") as lines:
+        for line_number, line in enumerate(_decoded_lines(lines, path), start=1):
             if not line.strip():
                 continue
 

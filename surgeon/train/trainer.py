@@ -110,6 +110,13 @@ class TrainConfig:
             raise TrainingError("warmup steps, eval and save intervals and the clipping norm cannot be negative")
         if self.eval_every and not self.eval_data:
             raise TrainingError("--eval-every needs --eval-data", field="eval_every", value=self.eval_every)
+        source, out = Path(self.checkpoint).resolve(), Path(self.out).resolve()
+        if out == source or out.is_relative_to(source) or source.is_relative_to(out):
+            raise TrainingError(
+                "the run folder overlaps the checkpoint folder, whose files training must not change",
+                path=self.out,
+                fix="pass an --out folder outside the checkpoint folder",
+            )
         if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
             raise TrainingError("must be between 1 and --steps", field="stop_after", value=self.stop_after)
         if not self.data:

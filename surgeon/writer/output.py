@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from surgeon.checkpoint import Checkpoint, open_checkpoint, read_header
 from surgeon.checkpoint.reader import CONFIG_NAME, INDEX_NAME, PICKLE_SUFFIXES
-from surgeon.errors import DiskFullError, HeaderError, OutputError, ResumeError
+from surgeon.errors import DiskFullError, HeaderError, OutputError, PlanError, ResumeError
 from surgeon.plan import Plan, PlannedShard
 from surgeon.writer.interrupt import interrupts_raise
 from surgeon.writer.model_card import render_model_card
@@ -330,7 +330,11 @@ def _fill_shard(shard: PlannedShard, fd: int, progress, stream: StreamedInputs |
             for tensor in run:
                 stream.before_tensor(tensor)
         if len(run) == 1:
-            write_tensor(run[0].expr, fd, offset, progress)
+            try:
+                write_tensor(run[0].expr, fd, offset, progress)
+            except PlanError as error:
+                error.tensor = error.tensor or run[0].name
+                raise
         else:
             copy_range(merged_range(run), fd, offset, progress)
         if stream:
@@ -367,16 +371,26 @@ def _write_json(path: Path, data: object, file_mode: int) -> None:
 
 
 def _write_bytes(path: Path, data: bytes, file_mode: int) -> None:
-    """Write a small file atomically: to a temporary name, flushed, then renamed."""
+    """Write a small file atomically: to a temporary name, flushed, then renamed; a failed write leaves no file."""
     temporary = path.with_name(path.name + ".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, file_mode)
     try:
-        os.write(fd, data)
-        os.fchmod(fd, file_mode)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+        try:
+            _write_all(fd, data)
+            os.fchmod(fd, file_mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def render_metadata_files(plan: Plan, base_model_ids: list[str] | None) -> dict[str, bytes]:

@@ -11,11 +11,16 @@ import errno
 import os
 from typing import Callable, Iterator
 
+import numpy as np
+
 from surgeon.dtypes import encode
+from surgeon.errors import PlanError
 from surgeon.plan.expressions import ByteRange, TensorExpr
 
 COPY_BUFFER_BYTES = 8 * 2**20
 COMPUTE_CHUNK_BYTES = 16 * 2**20
+# Largest finite magnitude of each float dtype; a computed value beyond it would be written as inf.
+FINITE_LIMITS = {"F16": 65504.0, "BF16": 3.3895313892515355e38, "F32": 3.4028234663852886e38, "F64": 1.7976931348623157e308}
 _ZERO_BUFFER = bytes(COPY_BUFFER_BYTES)
 _KERNEL_COPY_UNAVAILABLE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 
@@ -73,9 +78,19 @@ def computed_chunks(expr: TensorExpr) -> Iterator[bytes]:
     """Compute a tensor block by block of leading-dimension rows and return each block's encoded bytes."""
     row_bytes = max(1, expr.row_elements * 4)
     rows_per_chunk = max(1, COMPUTE_CHUNK_BYTES // row_bytes)
+    limit = FINITE_LIMITS.get(expr.dtype)
     for start in range(0, expr.rows if expr.numel else 0, rows_per_chunk):
         stop = min(start + rows_per_chunk, expr.rows)
-        yield encode(expr.read_rows(start, stop), expr.dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = expr.read_rows(start, stop)
+            magnitude = float(np.max(np.abs(values))) if values.size else 0.0
+        if limit is not None and not magnitude <= limit:
+            raise PlanError(
+                f"computed values reach {magnitude:g} in rows {start}..{stop - 1}, which {expr.dtype} cannot hold ({expr.describe()})",
+                value=magnitude,
+                fix="use a smaller scale factor or noise, or a wider output dtype",
+            )
+        yield encode(values, expr.dtype)
 
 
 def write_computed(expr: TensorExpr, fd: int, offset: int, progress: Progress) -> None:

@@ -45,6 +45,7 @@ def apply_moe(layout: ModelLayout, step: MoEStep, step_index: int) -> ModelLayou
     count = len(layout.layers)
     sparse = sparse_layer_indices(step, count, target, field_path)
     check_attention_biases(layout, target, field_path)
+    check_attention_kinds(layout, target, field_path)
 
     dense_size = int(layout.config["intermediate_size"])
     if dense_size % step.granularity:
@@ -66,6 +67,23 @@ def apply_moe(layout: ModelLayout, step: MoEStep, step_index: int) -> ModelLayou
     config = moe_config(layout, step, target, sparse)
     arch = output_architecture(layout.arch, target, step.layout)
     return ModelLayout(arch, config, layers, layout.globals_before, layout.globals_after)
+
+
+def check_attention_kinds(layout: ModelLayout, target: MoeTarget, field_path: str) -> None:
+    """Reject a mix of sliding-window and full-attention layers where the MoE class cannot keep it.
+
+    Measured with transformers 5.25: Qwen3MoeForCausalLM applies the sliding window to every layer once
+    `sliding_window` is set, so a Qwen3 model with some full-attention layers would change its outputs.
+    """
+    kinds = {layer.config_values.get("layer_types") for layer in layout.layers}
+    if target.model_type == "qwen3_moe" and {"sliding_attention", "full_attention"} <= kinds:
+        raise ArchitectureError(
+            "moe: this Qwen3 model mixes sliding-window and full-attention layers, which Qwen3MoeForCausalLM "
+            "does not reproduce, so the upcycled model would not compute what the dense model computes",
+            field=field_path,
+            value=sorted(kind for kind in kinds if kind),
+            fix="upcycle a Qwen3 model whose layers all use the same attention kind",
+        )
 
 
 def moe_target(arch: Architecture, field_path: str) -> MoeTarget:
