@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgeon.architectures import detect_architecture, split_layers
-from surgeon.checkpoint import Checkpoint, open_checkpoint
+from surgeon.checkpoint import Checkpoint
 from surgeon.errors import RecipeError
 from surgeon.hub import HUB_SCHEME, open_model_reference, parse_hub_reference, push_to_hub
 from surgeon.plan import DEFAULT_MAX_SHARD_SIZE, DEFAULT_MODEL, Plan, compile_plan

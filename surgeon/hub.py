@@ -9,8 +9,6 @@ HubError messages that give the fix.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -185,32 +183,10 @@ def translate_hub_errors(reference: HubReference | str) -> Iterator[None]:
 
 
 def check_output_folder(folder: Path) -> None:
-    """Re-read an output's index, headers and surgeon.json, and reject a mismatch.
+    """Run `surgeon verify` (headers, sizes, index and config against surgeon.json) before an upload."""
+    from surgeon.verify import verify_output
 
-    TODO: switch to surgeon.verify once it exists. This checks headers, sizes and
-    the index only, not tensor values.
-    """
-    from surgeon.errors import VerifyError
-    from surgeon.writer import MANIFEST_NAME
-
-    checkpoint = open_checkpoint(folder)
-    manifest_path = folder / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise VerifyError(f"{MANIFEST_NAME} not found", path=folder, fix="push only folders written by `surgeon apply`")
-    manifest = json.loads(manifest_path.read_text())
-    headers = {shard.path.name: shard for shard in checkpoint.shards}
-    for entry in manifest["output"]["shards"]:
-        shard = headers.get(entry["file"])
-        if shard is None:
-            raise VerifyError(f"shard {entry['file']} listed in {MANIFEST_NAME} is missing", path=folder, fix="rerun `surgeon apply`")
-        prefixed = len(shard.header_bytes).to_bytes(8, "little") + shard.header_bytes
-        if shard.file_size != entry["size"] or hashlib.sha256(prefixed).hexdigest() != entry["header_sha256"]:
-            raise VerifyError(
-                f"shard {entry['file']} differs from {MANIFEST_NAME} in size or header",
-                path=shard.path,
-                fix="rerun `surgeon apply` to rewrite the output",
-            )
-    checkpoint.close()
+    verify_output(folder)
 
 
 def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False) -> str:
