@@ -281,6 +281,8 @@ def _write_shard_data(shard: PlannedShard, partial: Path, file_mode: int, progre
         temporary.unlink(missing_ok=True)
         raise
     try:
+        # Sizing the file first makes every unwritten byte a zero, so zero tensors need no writes.
+        _guard_disk_full(lambda: os.ftruncate(fd, shard.size), partial, needed)
         _guard_disk_full(lambda: _fill_shard(shard, fd, progress, stream), partial, needed)
         os.fchmod(fd, file_mode)
     except BaseException:

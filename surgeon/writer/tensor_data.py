@@ -65,13 +65,12 @@ def copy_range(source: ByteRange, fd: int, offset: int, progress: Progress) -> N
 
 
 def write_zeros(length: int, fd: int, offset: int, progress: Progress) -> None:
-    """Write `length` zero bytes as real data (not a hole), so the disk space is claimed now."""
-    while length:
-        step = min(length, COPY_BUFFER_BYTES)
-        _write_all(fd, memoryview(_ZERO_BUFFER)[:step], offset)
-        offset += step
-        length -= step
-        progress(step)
+    """Leave `length` bytes at `offset` as a hole, which reads as zeros and takes no disk space.
+
+    The contract: the writer sized the shard with ftruncate before writing anything,
+    so every byte it has not written yet is already zero.
+    """
+    progress(length)
 
 
 def computed_chunks(expr: TensorExpr) -> Iterator[bytes]:
