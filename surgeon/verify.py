@@ -198,10 +198,12 @@ def _compare_tensor(output: Checkpoint, info, expr) -> int:
         if written != chunk:
             first = next(index for index, (a, b) in enumerate(zip(written, chunk)) if a != b)
             raise VerifyError(
-                f"tensor data differs from the recomputed tensor at byte {position + first}",
+                f"tensor data differs from the tensor recomputed from the inputs at byte {position + first}; "
+                "either the output or an input's tensor data changed since the run (the input fingerprint covers "
+                "headers and config.json, not tensor values)",
                 path=info.shard,
                 tensor=info.name,
-                fix=_REBUILD_FIX,
+                fix="if the inputs are the ones the output was built from, " + _REBUILD_FIX,
             )
         position += len(chunk)
     logger.debug("tensor %s matches (%d bytes)", info.name, position)
