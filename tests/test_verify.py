@@ -73,7 +73,7 @@ def remove_manifest(folder: Path) -> None:
 
 # (case id, damage, message fragment, caught by the quick check too)
 DAMAGE = [
-    ("data_byte_flipped", flip_last_byte, "tensor data differs from the recomputed tensor", False),
+    ("data_byte_flipped", flip_last_byte, "tensor data differs from the tensor recomputed", False),
     ("shard_truncated", truncate_shard, "output is invalid", True),
     ("shard_missing", lambda folder: shard(folder, 1).unlink(), "listed in the index is missing", True),
     ("manifest_missing", remove_manifest, "surgeon.json not found", True),

@@ -52,7 +52,10 @@ def shard_lifetimes(plan: Plan) -> ShardLifetimes:
 
 
 def predict_peak_disk(plan: Plan, lifetimes: ShardLifetimes, fixed_bytes: int = 0) -> int:
-    """Return the maximum, over the write, of input shard bytes on disk plus output bytes written.
+    """Return the maximum, over the write, of input shard bytes on disk plus output shard sizes.
+
+    An output shard counts at its full size from the moment its writing starts,
+    because the writer sizes the file up front (zero tensors stay holes).
 
     `fixed_bytes` counts files present the whole time, such as downloaded
     tokenizer files. Output metadata files (index, config, manifest, model card)
@@ -70,11 +73,10 @@ def predict_peak_disk(plan: Plan, lifetimes: ShardLifetimes, fixed_bytes: int = 
     written = 0
     position = 0
     for shard in plan.shards:
-        written += len(shard.header)
-        peak = max(peak, written)
+        written += shard.size
+        peak = max(peak, alive + written)
         for tensor in shard.tensors:
             alive += starts.get(position, 0)
-            written += tensor.expr.nbytes
             peak = max(peak, alive + written)
             alive -= ends.get(position, 0)
             position += 1
