@@ -124,7 +124,7 @@ QWEN3_MOE = MoeTarget(
 
 @dataclass(frozen=True)
 class Architecture:
-    """How one model family lays out its decoder layers and per-layer config."""
+    """Layout of one model family: where its decoder layers live and which config fields are per layer."""
 
     name: str
     model_types: tuple[str, ...]

@@ -168,9 +168,9 @@ def translate_hub_errors(reference: HubReference | str) -> Iterator[None]:
             fix="check that the repository holds a safetensors checkpoint with config.json",
         ) from error
     except ValueError as error:
-        # A server that answers with something other than the Hub's JSON (a proxy's HTML page, say).
+        # A server that returns something other than the Hub's JSON (a proxy's HTML page, say).
         raise HubError(
-            f"the Hub server's answer for {reference} is not valid ({error})",
+            f"the Hub server's response for {reference} is invalid ({error})",
             value=str(reference),
             fix="check that HF_ENDPOINT, if set, points at a Hugging Face Hub server",
         ) from error

@@ -50,7 +50,7 @@ THROTTLE_ENV = "SURGEON_TEST_THROTTLE"
 
 @dataclass
 class WriteOptions:
-    """How `write_output` treats an existing target, a partial folder, free space and progress."""
+    """Options for `write_output`: replacing a target, resuming a partial folder, the space check and progress."""
 
     force: bool = False
     resume: bool = False
