@@ -2,7 +2,7 @@
 
 A recipe is a YAML mapping with a `version`, optional settings that apply to
 the whole output, and an ordered list of `steps`. Each step is a mapping with
-a single key naming its kind (`tli`, `dus`, ...), whose value holds that
+a single key naming its kind (`tli`, `dus`, ...), whose value contains that
 step's fields. `docs/recipes.md` documents every field.
 """
 
