@@ -67,6 +67,13 @@ def read_manifest(folder: Path) -> dict:
     shards = manifest.get("output", {}).get("shards") if isinstance(manifest, dict) and isinstance(manifest.get("output"), dict) else None
     if not isinstance(shards, list) or not all(isinstance(entry, dict) for entry in shards):
         raise VerifyError("manifest has no output.shards list", path=path, field="output.shards", fix=_REBUILD_FIX)
+    if "trained" in manifest:
+        raise VerifyError(
+            "this folder was written by `surgeon train`, so its shards are no longer the ones `surgeon apply` wrote",
+            path=path,
+            field="trained",
+            fix=f"verify the surgeon output it was trained from ({manifest['trained'].get('from')})",
+        )
     return manifest
 
 

@@ -403,7 +403,10 @@ def test_train_new_copies_manifest_to_final(injected_llama_dir: Path, tmp_path: 
         TrainConfig(checkpoint=injected_llama_dir, data=[TRAIN_TEXT], out=tmp_path / "run", train=["new"], **{**TINY_RUN, "steps": 1})
     )
 
-    assert (result.final_dir / "surgeon.json").read_bytes() == (injected_llama_dir / "surgeon.json").read_bytes()
+    copied = json.loads((result.final_dir / "surgeon.json").read_text(encoding="utf-8"))
+    source = json.loads((injected_llama_dir / "surgeon.json").read_text(encoding="utf-8"))
+    assert copied.pop("trained")["from"] == str(injected_llama_dir)
+    assert copied == source
 
 
 def test_train_new_with_gradient_checkpointing_and_bf16(injected_llama_dir: Path, tmp_path: Path) -> None:

@@ -137,3 +137,12 @@ def test_verify_cli_damaged_output_one_line(finished_output: Path, tmp_path: Pat
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1
     assert "tensor data differs" in result.stderr
+
+
+def test_verify_rejects_trained_folder_with_reason(tmp_path: Path):
+    folder = tmp_path / "final"
+    folder.mkdir()
+    manifest = {"output": {"shards": []}, "layers": [], "trained": {"from": "/data/grown", "note": "weights rewritten by surgeon train"}}
+    (folder / "surgeon.json").write_text(json.dumps(manifest))
+    with pytest.raises(VerifyError, match="written by `surgeon train`"):
+        verify_output(folder)

@@ -503,9 +503,13 @@ def save_model_folder(
     module.config.use_cache = False
 
     tokenizer.save_pretrained(str(folder))
-    manifest = source_checkpoint / MANIFEST_NAME
-    if manifest.is_file():
-        shutil.copy2(manifest, folder / MANIFEST_NAME)
+    manifest_path = source_checkpoint / MANIFEST_NAME
+    if manifest_path.is_file():
+        # Kept so `--train new` still finds the injected layers, and marked so `surgeon verify`
+        # does not mistake the retrained shards for a damaged surgeon output.
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest["trained"] = {"from": str(source_checkpoint), "note": "weights rewritten by surgeon train"}
+        (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------- the run
