@@ -260,3 +260,20 @@ def test_train_rejects_run_folder_inside_checkpoint(tiny_models):
     assert result.returncode != 0
     assert "overlaps the checkpoint folder" in result.stderr
     assert not (tiny_models["llama"] / "run").exists()
+
+
+def test_apply_resume_on_finished_output_says_complete(tiny_models, tmp_path):
+    output = tmp_path / "out"
+    assert run_surgeon("apply", "tli_k4", str(tiny_models["llama"]), str(output), "--quiet").returncode == 0
+    result = run_surgeon("apply", "tli_k4", str(tiny_models["llama"]), str(output), "--resume")
+    assert result.returncode == 1
+    assert "already complete" in result.stderr
+
+
+def test_eval_error_is_one_line_without_traceback(tmp_path):
+    binary = tmp_path / "data.bin"
+    binary.write_bytes(bytes(range(256)) * 8)
+    result = run_surgeon("eval", str(tmp_path), "--data", str(binary))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ")
+    assert "Traceback" not in result.stderr

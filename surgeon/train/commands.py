@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from surgeon.errors import SurgeonError
+from surgeon.cli_errors import reports_errors
 
 INSTALL_HINT = "install with pip install 'surgeon[train]'"
 
@@ -75,6 +75,7 @@ def _configure_logging() -> None:
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest safetensors shard written, such as 500MB or 2GB.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint-STEP.")
 @click.option("--stop-after", type=int, default=None, help="Save and stop after this step, keeping the schedule of --steps; continue later with --resume.")
+@reports_errors
 def train_command(checkpoint: Path, train_selectors: tuple[str, ...], **options: Any) -> None:
     """Fine-tune CHECKPOINT on text and write OUT/final, a normal Hugging Face checkpoint.
 
@@ -86,10 +87,7 @@ def train_command(checkpoint: Path, train_selectors: tuple[str, ...], **options:
     options["data"] = list(options["data"])
     options["eval_data"] = list(options["eval_data"])
     config = trainer.TrainConfig(checkpoint=checkpoint, train=list(train_selectors), **options)
-    try:
-        result = trainer.train(config)
-    except SurgeonError as error:
-        raise click.ClickException(str(error)) from error
+    result = trainer.train(config)
 
     if os.environ.get("RANK", "0") == "0":
         where = result.final_dir or result.last_checkpoint
@@ -105,6 +103,7 @@ def train_command(checkpoint: Path, train_selectors: tuple[str, ...], **options:
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True, help="Dtype for loading the weights. auto uses bf16 on CUDA devices with bf16 support and fp32 elsewhere.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@reports_errors
 def eval_command(checkpoint: Path, data: tuple[Path, ...], as_json: bool, **options: Any) -> None:
     """Report mean token loss, perplexity and tokens per second of CHECKPOINT on text files.
 
@@ -114,10 +113,7 @@ def eval_command(checkpoint: Path, data: tuple[Path, ...], as_json: bool, **opti
     _configure_logging()
     evaluate = _import_extra("evaluate")
 
-    try:
-        result = evaluate.evaluate_checkpoint(checkpoint, list(data), **options)
-    except SurgeonError as error:
-        raise click.ClickException(str(error)) from error
+    result = evaluate.evaluate_checkpoint(checkpoint, list(data), **options)
 
     if as_json:
         click.echo(json.dumps({"checkpoint": str(checkpoint), **result.to_dict()}))
@@ -132,12 +128,10 @@ def eval_command(checkpoint: Path, data: tuple[Path, ...], as_json: bool, **opti
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG file to write.")
 @click.option("--title", default=None, help="Plot title.")
+@reports_errors
 def plot_command(runs: tuple[Path, ...], out: Path, title: str | None) -> None:
     """Draw the loss curves of one or more RUN folders (or their metrics.jsonl) into one PNG, labelled by folder name."""
     plot = _import_extra("plot")
 
-    try:
-        written = plot.plot_runs(list(runs), out, title=title)
-    except SurgeonError as error:
-        raise click.ClickException(str(error)) from error
+    written = plot.plot_runs(list(runs), out, title=title)
     click.echo(f"wrote {written}")

@@ -73,8 +73,14 @@ def write_output(plan: Plan, output: str | Path, options: WriteOptions | None = 
     """
     options = options or WriteOptions()
     output = Path(output).absolute()
-    check_output_location(output, plan.inputs, options.force)
     partial = partial_folder(output)
+    if options.resume and not options.force and not partial.exists() and (output / MANIFEST_NAME).is_file():
+        raise OutputError(
+            "the output is already complete, so there is nothing to resume",
+            path=output,
+            fix=f"check it with `surgeon verify {output}`, or pass --force to build it again",
+        )
+    check_output_location(output, plan.inputs, options.force)
     base = plan.inputs[plan.base_model]
     file_mode = stat.S_IMODE((base.folder / CONFIG_NAME).stat().st_mode) & 0o666
     folder_mode = stat.S_IMODE(base.folder.stat().st_mode)
