@@ -1,4 +1,4 @@
-"""How every `surgeon` command reports a failure: one line, the fix, and a non-zero exit status."""
+"""Failure reporting shared by every `surgeon` command: one line with the fix, and a non-zero exit status."""
 
 from __future__ import annotations
 
