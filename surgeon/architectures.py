@@ -251,7 +251,7 @@ def split_layers(arch: Architecture, tensor_names: list[str], config: dict, sour
     declared = config.get(arch.num_layers_field)
     if declared != count:
         raise ConfigError(
-            f"config says {arch.num_layers_field} = {declared!r}, but the tensors have {count} layers",
+            f"config.json sets {arch.num_layers_field} = {declared!r}, but the tensors have {count} layers",
             path=f"{source}/config.json",
             field=arch.num_layers_field,
             value=declared,

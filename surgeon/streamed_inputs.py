@@ -208,7 +208,7 @@ def _get_range(url: str, start: int, length: int) -> tuple[bytes, int]:
     content_range = response.headers.get("Content-Range", "")
     if response.status_code != 206 or "/" not in content_range or len(response.content) != length:
         raise HubError(
-            f"the server did not answer a byte range request for {url} (status {response.status_code})",
+            f"the server returned no byte range for a range request for {url} (status {response.status_code})",
             path=url,
             fix="drop --stream-input, or check that HF_ENDPOINT points at a server that supports HTTP Range",
         )

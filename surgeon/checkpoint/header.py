@@ -26,7 +26,7 @@ _METADATA_KEY = "__metadata__"
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives: its shard and the absolute byte range inside it."""
+    """Location of one tensor: its shard and the absolute byte range inside it."""
 
     name: str
     dtype: str

@@ -184,7 +184,7 @@ def compile_plan(
         layout = STEP_FUNCTIONS[kind](layout, options, index)
         logger.debug("after step %d (%s): %d layers", index, kind, len(layout.layers))
         if dense_layers and len(layout.layers) != count_before:
-            # NOTE: mlp_only_layers holds layer indices, which a step that adds or removes layers would invalidate.
+            # NOTE: mlp_only_layers contains layer indices, which a step that adds or removes layers would invalidate.
             raise PlanError(
                 f"step {kind!r} changes the layer count of a model whose layers {dense_layers} stay dense (mlp_only_layers)",
                 field=f"steps[{index}]",

@@ -15,12 +15,13 @@ from typing import Any
 
 from surgeon.architectures import Architecture, per_layer_values, split_layers
 from surgeon.checkpoint import Checkpoint
+from surgeon.errors import PlanError
 from surgeon.plan.expressions import InputTensor, TensorExpr
 
 
 @dataclass
 class LayerOrigin:
-    """Where an output layer came from, as recorded in `surgeon.json`."""
+    """Origin of an output layer, as recorded in `surgeon.json`."""
 
     source_model: str
     source_layer: int
@@ -94,3 +95,15 @@ def layout_from_checkpoint(model: str, checkpoint: Checkpoint, arch: Architectur
 def suffix_matches(suffix: str, pattern: str) -> bool:
     """Match a tensor suffix against a recipe pattern; `mlp.down_proj` also matches its `.weight` and `.bias`."""
     return fnmatch.fnmatchcase(suffix, pattern) or fnmatch.fnmatchcase(suffix, pattern + ".*")
+
+
+def check_patterns_match(step_kind: str, field_name: str, patterns: list[str], suffixes: list[str], step_index: int, layer_index: int) -> None:
+    """Reject a tensor pattern that selects nothing: a typo there would silently change what the new layer does."""
+    unmatched = [pattern for pattern in patterns if not any(suffix_matches(suffix, pattern) for suffix in suffixes)]
+    if unmatched:
+        raise PlanError(
+            f"{step_kind}: {field_name} pattern(s) {unmatched} match no tensor of layer {layer_index}",
+            field=f"steps[{step_index}].{step_kind}.{field_name}",
+            value=unmatched,
+            fix="use tensor name suffixes such as 'self_attn.o_proj' (see `surgeon inspect IN`)",
+        )

@@ -13,7 +13,7 @@ import math
 
 from surgeon.errors import PlanError
 from surgeon.plan.expressions import Mean, Zeros
-from surgeon.plan.layout import Layer, LayerOrigin, ModelLayout, suffix_matches
+from surgeon.plan.layout import Layer, LayerOrigin, ModelLayout, check_patterns_match, suffix_matches
 from surgeon.recipe.schema import BlockExpansionStep
 
 
@@ -57,14 +57,7 @@ def _new_layer(layout: ModelLayout, index: int, copy_from: str, zero_patterns: l
         tensors = dict(base.tensors)
         init = f"copy of layer {index}"
 
-    unmatched = [pattern for pattern in zero_patterns if not any(suffix_matches(suffix, pattern) for suffix in tensors)]
-    if unmatched:
-        raise PlanError(
-            f"block_expansion: zero pattern(s) {unmatched} match no tensor of layer {index}",
-            field=f"steps[{step_index}].block_expansion.zero",
-            value=unmatched,
-            fix="use tensor name suffixes such as 'self_attn.o_proj' (see `surgeon inspect IN`)",
-        )
+    check_patterns_match("block_expansion", "zero", zero_patterns, list(tensors), step_index, index)
     zeroed = [suffix for suffix in tensors if any(suffix_matches(suffix, pattern) for pattern in zero_patterns)]
     for suffix in zeroed:
         tensors[suffix] = Zeros(tensors[suffix].dtype, tensors[suffix].shape)

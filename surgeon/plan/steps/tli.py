@@ -12,7 +12,7 @@ import logging
 
 from surgeon.errors import PlanError
 from surgeon.plan.expressions import Mean, WithNoise, Zeros, derive_seed, scaled
-from surgeon.plan.layout import Layer, LayerOrigin, ModelLayout, suffix_matches
+from surgeon.plan.layout import Layer, LayerOrigin, ModelLayout, check_patterns_match, suffix_matches
 from surgeon.recipe.schema import TLIStep
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def _make_layer(layout: ModelLayout, step: TLIStep, step_index: int, previous_in
 
     patterns = {"zero": zero_patterns, "scale": list(step.scale), "noise.tensors": step.noise.tensors if step.noise else []}
     for field_name, field_patterns in patterns.items():
-        _check_patterns_match(field_name, field_patterns, list(tensors), step_index, previous_index if mode != "next" else next_index)
+        check_patterns_match("tli", field_name, field_patterns, list(tensors), step_index, previous_index if mode != "next" else next_index)
     if zeroed:
         init += ", zeroed " + ", ".join(zeroed)
     if step.scale:
@@ -102,14 +102,3 @@ def _make_layer(layout: ModelLayout, step: TLIStep, step_index: int, previous_in
     origin = LayerOrigin(base.origin.source_model, base.origin.source_layer, new=True, init=init)
     return Layer(tensors, dict(base.config_values), origin)
 
-
-def _check_patterns_match(field_name: str, patterns: list[str], suffixes: list[str], step_index: int, layer_index: int) -> None:
-    """Reject a tensor pattern that selects nothing: a typo there would silently change what the layer does."""
-    unmatched = [pattern for pattern in patterns if not any(suffix_matches(suffix, pattern) for suffix in suffixes)]
-    if unmatched:
-        raise PlanError(
-            f"tli: {field_name} pattern(s) {unmatched} match no tensor of layer {layer_index}",
-            field=f"steps[{step_index}].tli.{field_name}",
-            value=unmatched,
-            fix="use tensor name suffixes such as 'self_attn.o_proj' (see `surgeon inspect IN`)",
-        )
