@@ -7,13 +7,17 @@ copies the input shards with `cp` and applies `recipes/tli_k4.yaml`-style TLI
 Prints wall time, peak RSS of the surgeon process and its throughput as a
 ratio to `cp`'s, and to `cp` followed by `sync` of the copies: surgeon flushes
 every shard to disk before it counts as written, which plain `cp` does not.
-Repeats alternate the commands so page-cache warmth favours none of them.
+Repeats alternate the commands so page-cache warmth favours none of them, and
+every command starts after a `sync`, so none pays for an earlier one's
+writeback. With `--cold` (root only) every command also starts with an empty
+page cache, as it does for a checkpoint larger than memory.
 
 With `--moe-experts`, each run applies the `moe` step instead (top-2, zero
 router, per-expert layout) once per expert count, so the output grows with
 the expert count while the peak RSS should not.
 
 Run: python benchmarks/bench_tli.py --layers 4 8 --workdir /tmp/surgeon-bench
+     .venv/bin/python benchmarks/bench_tli.py --layers 24 --repeats 3 --cold --workdir /work/bench   (as root)
      python benchmarks/bench_tli.py --layers 2 --moe-experts 2 4 8
 """
 
@@ -107,8 +111,41 @@ def folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.iterdir() if path.suffix == ".safetensors")
 
 
-def run_measured(command: list[str]) -> tuple[float, int]:
+def settle_page_cache(cold: bool) -> None:
+    """Flush every dirty page, so no command pays for an earlier one's writeback; with `cold`, also empty the page cache."""
+    os.sync()
+    if cold:
+        try:
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        except OSError:
+            raise SystemExit("--cold empties the page cache through /proc/sys/vm/drop_caches, which needs root; run as root or drop --cold") from None
+
+
+def measure_disk(workdir: Path, cold: bool) -> tuple[float, float]:
+    """Return the disk's sequential write rate with a final flush and its read rate, in MB/s, from one 1 GiB file."""
+    probe = workdir / "disk-probe"
+    size = 2**30
+    settle_page_cache(cold)
+    start = time.perf_counter()
+    with open(probe, "wb") as handle:
+        for _ in range(size // len(PATTERN)):
+            handle.write(PATTERN)
+        handle.flush()
+        os.fsync(handle.fileno())
+    write_rate = size / 1e6 / (time.perf_counter() - start)
+    settle_page_cache(cold)
+    start = time.perf_counter()
+    with open(probe, "rb") as handle:
+        while handle.read(len(PATTERN)):
+            pass
+    read_rate = size / 1e6 / (time.perf_counter() - start)
+    probe.unlink()
+    return write_rate, read_rate
+
+
+def run_measured(command: list[str], cold: bool = False) -> tuple[float, int]:
     """Run a command; return its wall time in seconds and peak RSS in MiB (from wait4)."""
+    settle_page_cache(cold)
     start = time.perf_counter()
     process = subprocess.Popen(command)
     _, status, usage = os.wait4(process.pid, 0)
@@ -118,7 +155,7 @@ def run_measured(command: list[str]) -> tuple[float, int]:
     return elapsed, usage.ru_maxrss // 1024
 
 
-def benchmark(workdir: Path, num_layers: int, repeats: int, recipe: Path) -> dict:
+def benchmark(workdir: Path, num_layers: int, repeats: int, recipe: Path, cold: bool) -> dict:
     source = workdir / f"llama3-{num_layers}l"
     if not source.exists():
         write_checkpoint(source, num_layers)
@@ -130,17 +167,17 @@ def benchmark(workdir: Path, num_layers: int, repeats: int, recipe: Path) -> dic
     for _ in range(repeats):
         shutil.rmtree(copy_target, ignore_errors=True)
         copy_target.mkdir()
-        elapsed, _ = run_measured(["cp", *shards, str(copy_target)])
+        elapsed, _ = run_measured(["cp", *shards, str(copy_target)], cold)
         best_cp = min(best_cp, elapsed)
 
         shutil.rmtree(copy_target, ignore_errors=True)
         copy_target.mkdir()
         command = f"{shlex.join(['cp', *shards, str(copy_target)])} && {shlex.join(['sync', *copies])}"
-        elapsed, _ = run_measured(["sh", "-c", command])
+        elapsed, _ = run_measured(["sh", "-c", command], cold)
         best_cp_sync = min(best_cp_sync, elapsed)
 
         shutil.rmtree(output, ignore_errors=True)
-        elapsed, rss = run_measured([sys.executable, "-m", "surgeon", "apply", str(recipe), str(source), str(output), "--quiet"])
+        elapsed, rss = run_measured([sys.executable, "-m", "surgeon", "apply", str(recipe), str(source), str(output), "--quiet"], cold)
         best_surgeon = min(best_surgeon, elapsed)
         peak_rss = max(peak_rss, rss)
     output_bytes = folder_bytes(output)
@@ -167,7 +204,7 @@ def benchmark_moe(args: argparse.Namespace) -> None:
         for experts in args.moe_experts:
             recipe = args.workdir / f"moe_{experts}x_top2.yaml"
             recipe.write_text(f"version: 1\nname: moe-{experts}x-top2\nsteps:\n  - moe: {{experts: {experts}, experts_per_token: 2}}\n")
-            row = benchmark(args.workdir, num_layers, args.repeats, recipe)
+            row = benchmark(args.workdir, num_layers, args.repeats, recipe, args.cold)
             print(
                 f"| {row['layers']} | {experts} | {row['input_gb']:.2f} | {row['output_gb']:.2f} | {row['cp_s']:.2f} "
                 f"| {row['surgeon_s']:.2f} | {row['peak_rss_mib']} | {row['ratio']:.2f}x |",
@@ -183,6 +220,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each command; the fastest counts")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/surgeon-bench"))
     parser.add_argument("--recipe", type=Path, default=None, help="recipe to apply (default: TLI with K=2)")
+    parser.add_argument("--cold", action="store_true", help="empty the page cache before each command (needs root), as for inputs larger than memory")
     parser.add_argument("--keep", action="store_true", help="keep the generated input checkpoints")
     parser.add_argument("--moe-experts", type=int, nargs="+", default=None, help="benchmark the moe step (top-2) with these expert counts")
     args = parser.parse_args()
@@ -196,10 +234,13 @@ def main() -> None:
         recipe = args.workdir / "tli_k2.yaml"
         recipe.write_text("version: 1\nname: tli-k2\nsteps:\n  - tli:\n      every: 2\n")
 
+    write_rate, read_rate = measure_disk(args.workdir, args.cold)
+    cache = "read from an emptied page cache" if args.cold else "read with the page cache as it is"
+    print(f"disk: {write_rate:.0f} MB/s sequential write with a flush, {read_rate:.0f} MB/s sequential read ({cache})\n")
     print("| input layers | input GB | output GB | cp s | cp + sync s | surgeon s | surgeon peak RSS MiB | throughput vs cp | vs cp + sync |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for num_layers in args.layers:
-        row = benchmark(args.workdir, num_layers, args.repeats, recipe)
+        row = benchmark(args.workdir, num_layers, args.repeats, recipe, args.cold)
         print(
             f"| {row['layers']} | {row['input_gb']:.2f} | {row['output_gb']:.2f} | {row['cp_s']:.2f} | {row['cp_sync_s']:.2f} "
             f"| {row['surgeon_s']:.2f} | {row['peak_rss_mib']} | {row['ratio']:.2f}x | {row['ratio_sync']:.2f}x |",

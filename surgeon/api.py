@@ -8,7 +8,7 @@ from pathlib import Path
 from surgeon.architectures import detect_architecture, split_layers
 from surgeon.checkpoint import Checkpoint
 from surgeon.errors import RecipeError
-from surgeon.hub import HUB_SCHEME, open_model_reference, parse_hub_reference, push_to_hub
+from surgeon.hub import HUB_SCHEME, check_push_target, open_model_reference, parse_hub_reference, push_to_hub
 from surgeon.plan import DEFAULT_MAX_SHARD_SIZE, DEFAULT_MODEL, Plan, compile_plan
 from surgeon.recipe import LoadedRecipe, load_recipe
 from surgeon.streamed_inputs import StreamedInputs
@@ -156,9 +156,16 @@ def apply_recipe(
 
 def push_output(folder: str | Path, repo_id: str, *, private: bool = False) -> str:
     """Check a written output folder and upload it to the Hub repository `repo_id`; return the commit URL."""
-    if repo_id.startswith(HUB_SCHEME):
-        repo_id = repo_id[len(HUB_SCHEME) :]
-    return push_to_hub(folder, repo_id, private=private)
+    return push_to_hub(folder, _strip_hub_scheme(repo_id), private=private)
+
+
+def check_push_repo(repo_id: str) -> None:
+    """Fail before writing anything when `repo_id` could not be pushed to."""
+    check_push_target(_strip_hub_scheme(repo_id))
+
+
+def _strip_hub_scheme(repo_id: str) -> str:
+    return repo_id[len(HUB_SCHEME) :] if repo_id.startswith(HUB_SCHEME) else repo_id
 
 
 @dataclass

@@ -62,7 +62,8 @@ def apply_command(
     IN is a folder or hf://ORG/NAME[@REVISION]. It may be left out when the
     recipe names its own source models.
     """
-    from surgeon.api import apply_recipe, push_output
+    from surgeon.api import apply_recipe, check_push_repo, push_output
+    from surgeon.errors import HubError
     from surgeon.plan import parse_size
     from surgeon.streamed_inputs import StreamedInputs
     from surgeon.writer import WriteOptions
@@ -72,6 +73,8 @@ def apply_command(
     if private and not push_repo:
         raise click.UsageError("--private needs --push-to-hub")
     input_path, output_path = (paths[0], paths[1]) if len(paths) == 2 else (None, paths[0])
+    if push_repo:
+        check_push_repo(push_repo)
     options = WriteOptions(force=force, resume=resume, check_space=not no_space_check, progress=not quiet)
     stream = StreamedInputs.for_output(output_path) if stream_input else None
     plan = apply_recipe(recipe, input_path, output_path, max_shard_size=parse_size(max_shard_size), options=options, stream=stream)
@@ -87,8 +90,34 @@ def apply_command(
             f"({stream.downloads} input shard downloads)"
         )
     if push_repo:
-        url = push_output(output_path, push_repo, private=private)
+        retry = f"surgeon push {output_path} {push_repo}" + (" --private" if private else "")
+        try:
+            url = push_output(output_path, push_repo, private=private)
+        except HubError as error:
+            error.message = f"{output_path} is written, but the push failed: {error.message}"
+            error.fix = f"{error.fix}; then upload without rebuilding: `{retry}`" if error.fix else f"upload without rebuilding: `{retry}`"
+            raise
+        except Exception:
+            click.echo(f"{output_path} is written, but the push failed; upload it without rebuilding: `{retry}`", err=True)
+            raise
         click.echo(f"pushed {output_path} to {url}")
+
+
+@main.command("push")
+@click.argument("output", type=click.Path(exists=True, file_okay=False))
+@click.argument("repo_id", metavar="ORG/NAME")
+@click.option("--private", is_flag=True, help="Create the repository as private if it does not exist.")
+@reports_errors
+def push_command(output: str, repo_id: str, private: bool) -> None:
+    """Upload the finished output OUTPUT to the Hub model repository ORG/NAME.
+
+    The folder is verified first. Running it again after an interruption
+    uploads only what the Hub does not have yet.
+    """
+    from surgeon.api import push_output
+
+    url = push_output(output, repo_id, private=private)
+    click.echo(f"pushed {output} to {url}")
 
 
 @main.command("plan")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 
 import click
@@ -27,6 +28,16 @@ def reports_errors(command):
                 raise
             click.echo(f"error: {error}", err=True)
             sys.exit(getattr(error, "exit_code", 1))
+        except KeyboardInterrupt:
+            # Writing turns Ctrl-C into RunInterruptedError; this one came while planning, reading or training.
+            if click.get_current_context().find_root().params.get("debug"):
+                raise
+            click.echo(
+                "error: interrupted by Ctrl-C; no output was finished. "
+                "Fix: run the command again (a `surgeon train` run continues from its last checkpoint with --resume)",
+                err=True,
+            )
+            sys.exit(128 + signal.SIGINT)
         except OSError as error:
             if click.get_current_context().find_root().params.get("debug"):
                 raise

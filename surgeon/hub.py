@@ -183,10 +183,23 @@ def translate_hub_errors(reference: HubReference | str) -> Iterator[None]:
 
 
 def check_output_folder(folder: Path) -> None:
-    """Run `surgeon verify` (headers, sizes, index and config against surgeon.json) before an upload."""
+    """Run `surgeon verify`'s quick check (headers, sizes, index and config layers) before an upload.
+
+    File hashes are left out, so a model card edited after the run is uploaded as it is.
+    """
     from surgeon.verify import verify_output
 
-    verify_output(folder)
+    verify_output(folder, files=False)
+
+
+def check_push_target(repo_id: str) -> None:
+    """Reject a malformed repository id, or pushing while offline, before any work that the push would follow."""
+    from huggingface_hub import constants
+
+    if not _REPO_ID.fullmatch(repo_id) or "/" not in repo_id:
+        raise HubError(f"invalid repository id {repo_id!r} to push to", value=repo_id, fix="write ORG/NAME, e.g. my-org/SmolLM2-tli")
+    if constants.HF_HUB_OFFLINE:
+        raise HubError("cannot push while HF_HUB_OFFLINE is set", value=repo_id, fix="unset HF_HUB_OFFLINE, then run the command again")
 
 
 def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False) -> str:
@@ -195,13 +208,10 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False) -> s
     The upload is resumable: running it again after an interruption skips the
     files the Hub already has.
     """
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi
 
     folder = Path(folder)
-    if not _REPO_ID.fullmatch(repo_id) or "/" not in repo_id:
-        raise HubError(f"invalid repository id {repo_id!r} for --push-to-hub", value=repo_id, fix="write ORG/NAME, e.g. my-org/SmolLM2-tli")
-    if constants.HF_HUB_OFFLINE:
-        raise HubError("cannot push while HF_HUB_OFFLINE is set", value=repo_id, fix="unset HF_HUB_OFFLINE, then run the push again")
+    check_push_target(repo_id)
     check_output_folder(folder)
 
     api = HfApi()

@@ -1,8 +1,9 @@
 """Recheck a finished output folder against the `surgeon.json` manifest written with it.
 
-The quick check reads only headers: every shard's size and header hash against
-the manifest, the index against the shards, and config.json's layer fields
-against the tensors. The deep check also compares every tensor's bytes. It
+The quick check reads only headers and small files: every shard's size and
+header hash against the manifest, the index against the shards, config.json's
+layer fields against the tensors, and the SHA-256 of every other file
+(config, index, model card, tokenizer files) against the manifest. The deep check also compares every tensor's bytes. It
 recompiles the recorded recipe against the recorded inputs, whose fingerprints
 must still match, and regenerates each tensor as the writer did. That keeps
 hashing off the write path, at the price of needing the inputs at verify time.
@@ -23,6 +24,7 @@ from surgeon.errors import SurgeonError, VerifyError
 from surgeon.plan import compile_plan
 from surgeon.recipe import parse_recipe
 from surgeon.writer import MANIFEST_NAME
+from surgeon.writer.output import file_sha256
 from surgeon.writer.tensor_data import expected_chunks
 
 logger = logging.getLogger(__name__)
@@ -41,14 +43,20 @@ class VerifyReport:
     compared_bytes: int
 
 
-def verify_output(folder: str | Path, deep: bool = False) -> VerifyReport:
-    """Check a finished output against its manifest; with `deep`, compare every tensor's bytes too."""
+def verify_output(folder: str | Path, deep: bool = False, files: bool = True) -> VerifyReport:
+    """Check a finished output against its manifest; with `deep`, compare every tensor's bytes too.
+
+    With `files`, every non-shard file the manifest lists (config, index, model
+    card, tokenizer files) must also have its recorded SHA-256.
+    """
     folder = Path(folder)
     manifest = read_manifest(folder)
     output = _open_output(folder)
     try:
         _check_shards(output, manifest)
         _check_layers(output, manifest)
+        if files:
+            _check_files(folder, manifest)
         compared = _compare_tensor_bytes(output, manifest) if deep else 0
     finally:
         output.close()
@@ -142,6 +150,26 @@ def _check_layers(output: Checkpoint, manifest: dict) -> None:
             field="output.num_layers",
             fix=_REBUILD_FIX,
         )
+
+
+def _check_files(folder: Path, manifest: dict) -> None:
+    """Compare every non-shard file the manifest lists with its recorded SHA-256."""
+    recorded = manifest["output"].get("files")
+    if recorded is None:
+        logger.info("%s lists no file hashes (written before surgeon recorded them); skipping that check", MANIFEST_NAME)
+        return
+    for name, digest in sorted(recorded.items()):
+        path = folder / name
+        if not path.is_file():
+            raise VerifyError(f"{name} is missing, and {MANIFEST_NAME} lists it", path=path, field="output.files", fix=_REBUILD_FIX)
+        actual = file_sha256(path)
+        if actual != digest:
+            raise VerifyError(
+                f"{name} differs from the file surgeon wrote (SHA-256 {actual[:12]}..., recorded {str(digest)[:12]}...)",
+                path=path,
+                field="output.files",
+                fix=f"restore {name} (edits after the run show here too), or {_REBUILD_FIX}",
+            )
 
 
 def _open_recorded_inputs(manifest: dict, manifest_path: Path) -> dict[str, Checkpoint]:

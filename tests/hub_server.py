@@ -48,6 +48,8 @@ class HubServer:
     created: list[dict] = field(default_factory=list)
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
     validated: list[str] = field(default_factory=list)
+    # Set to answer every upload commit with HTTP 500, as a Hub outage would.
+    refuse_commits: bool = False
     url: str = ""
 
     def start(self) -> None:
@@ -202,6 +204,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._json({"files": [{"path": entry["path"], "uploadMode": "regular", "shouldIgnore": False} for entry in files]})
 
     def _commit(self, repo_id: str, revision: str, body: bytes) -> None:
+        if self.hub.refuse_commits:
+            return self._error(500, "InternalError", "the server refuses commits")
         stored = self.hub.uploaded.setdefault(repo_id, {})
         for line in body.splitlines():
             item = json.loads(line)

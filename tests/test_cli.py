@@ -277,3 +277,23 @@ def test_eval_error_is_one_line_without_traceback(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("error: ")
     assert "Traceback" not in result.stderr
+
+
+def test_ctrl_c_outside_writing_prints_one_line():
+    import click
+    from click.testing import CliRunner
+
+    from surgeon.cli_errors import reports_errors
+
+    @click.command()
+    @reports_errors
+    def planning() -> None:
+        raise KeyboardInterrupt
+
+    outcome = CliRunner().invoke(planning, [])
+
+    assert outcome.exit_code == 130
+    assert outcome.output.strip().splitlines() == [
+        "error: interrupted by Ctrl-C; no output was finished. "
+        "Fix: run the command again (a `surgeon train` run continues from its last checkpoint with --resume)"
+    ]

@@ -136,13 +136,16 @@ def test_hub_input_shards_match_local_folder(cached_and_local_outputs):
 
 
 @pytest.mark.slow
-def test_hub_input_manifest_differs_only_in_path(cached_and_local_outputs):
+def test_hub_input_manifest_differs_only_in_path_and_card(cached_and_local_outputs):
+    """The model card names the Hub base model only for the hf:// input, so its hash differs too."""
     local, hub = cached_and_local_outputs
     local_manifest = json.loads((local / "surgeon.json").read_text())
     hub_manifest = json.loads((hub / "surgeon.json").read_text())
 
     assert hub_manifest["inputs"]["input"].pop("path") == f"hf://HuggingFaceTB/SmolLM2-135M@{COMMIT}"
     local_manifest["inputs"]["input"].pop("path")
+    hub_manifest["output"]["files"].pop("README.md")
+    local_manifest["output"]["files"].pop("README.md")
     assert hub_manifest == local_manifest
 
 
@@ -348,3 +351,45 @@ def test_push_to_hub_rejects_offline(tmp_path, tiny_models):
 
     assert result.returncode == 1
     assert "HF_HUB_OFFLINE" in result.stderr
+
+
+def test_push_to_hub_offline_fails_before_writing(tmp_path, tiny_models):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf-home")}
+    run_cli("apply", str(RECIPE), str(tiny_models["llama"]), str(tmp_path / "out"), "--quiet", "--push-to-hub", "me/x", env=env)
+
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def failed_push(hub_server, tmp_path, tiny_models):
+    """An apply whose output was written but whose push the server refused."""
+    env = {"HF_ENDPOINT": hub_server.url, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf-home")}
+    output = tmp_path / "out"
+    hub_server.refuse_commits = True
+    result = run_cli("apply", str(RECIPE), str(tiny_models["llama"]), str(output), "--quiet", "--push-to-hub", "me/tiny-tli", env=env)
+    hub_server.refuse_commits = False
+    return {"result": result, "output": output, "env": env}
+
+
+def test_push_to_hub_failure_keeps_output(failed_push):
+    assert (failed_push["output"] / "surgeon.json").is_file()
+
+
+def test_push_to_hub_failure_names_push_command(failed_push):
+    assert failed_push["result"].returncode == 1
+    assert f"surgeon push {failed_push['output']} me/tiny-tli" in failed_push["result"].stderr
+
+
+def test_push_command_uploads_written_output(failed_push, hub_server):
+    result = run_cli("push", str(failed_push["output"]), "me/tiny-tli", env=failed_push["env"])
+
+    assert result.returncode == 0, result.stderr
+    assert hub_server.uploaded["me/tiny-tli"] == {path.name: path.read_bytes() for path in failed_push["output"].iterdir()}
+
+
+def test_push_command_rejects_unfinished_folder(hub_server, tmp_path):
+    env = {"HF_ENDPOINT": hub_server.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home")}
+    result = run_cli("push", str(tmp_path), "me/tiny-tli", env=env)
+
+    assert result.returncode == 1
+    assert "surgeon.json not found" in result.stderr

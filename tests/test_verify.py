@@ -82,6 +82,9 @@ DAMAGE = [
     ("manifest_lists_fewer_shards", edit_json("surgeon.json", drop_manifest_shard), "shards differ from the manifest", True),
     ("config_num_layers_wrong", edit_json("config.json", lambda config: config.__setitem__("num_hidden_layers", 6)), "num_hidden_layers = 6, but the tensors have 7 layers", True),
     ("config_layer_types_short", edit_json("config.json", lambda config: config.__setitem__("layer_types", ["full_attention"])), "layer_types has 1 entries for 7 layers", True),
+    ("config_value_edited", edit_json("config.json", lambda config: config.__setitem__("rope_theta", 1.0)), "config.json differs from the file surgeon wrote", True),
+    ("model_card_edited", lambda folder: (folder / "README.md").write_text("edited\n"), "README.md differs from the file surgeon wrote", True),
+    ("side_file_missing", lambda folder: (folder / "generation_config.json").unlink(), "generation_config.json is missing", True),
     ("index_total_size_wrong", edit_json("model.safetensors.index.json", lambda index: index["metadata"].__setitem__("total_size", 5)), "metadata.total_size is 5", True),
 ]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -84,8 +85,8 @@ def write_output(plan: Plan, output: str | Path, options: WriteOptions | None = 
     base = plan.inputs[plan.base_model]
     file_mode = stat.S_IMODE((base.folder / CONFIG_NAME).stat().st_mode) & 0o666
     folder_mode = stat.S_IMODE(base.folder.stat().st_mode)
-    metadata_files = render_metadata_files(plan, options.base_model_ids)
     side_files = list_side_files(plan.inputs[plan.tokenizer_model].folder)
+    metadata_files = render_metadata_files(plan, options.base_model_ids, side_files)
     extra_bytes = sum(len(data) for data in metadata_files.values()) + sum(path.stat().st_size for path in side_files)
 
     stream = options.input_stream
@@ -401,17 +402,34 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def render_metadata_files(plan: Plan, base_model_ids: list[str] | None) -> dict[str, bytes]:
-    """Return the index, config.json, surgeon.json and README.md contents, by file name."""
+def render_metadata_files(plan: Plan, base_model_ids: list[str] | None, side_files: list[Path]) -> dict[str, bytes]:
+    """Return the index, config.json, README.md and surgeon.json contents, by file name.
+
+    surgeon.json lists the SHA-256 of every other file of the output except the
+    shards (whose headers it hashes), so `surgeon verify` can check them all.
+    """
     weight_map = {tensor.name: shard.file_name for shard in plan.shards for tensor in shard.tensors}
-    documents = {
-        INDEX_NAME: {"metadata": {"total_size": plan.total_size}, "weight_map": weight_map},
-        CONFIG_NAME: plan.config,
-        MANIFEST_NAME: plan.manifest(),
+    files = {
+        INDEX_NAME: _json_bytes({"metadata": {"total_size": plan.total_size}, "weight_map": weight_map}),
+        CONFIG_NAME: _json_bytes(plan.config),
+        MODEL_CARD_NAME: render_model_card(plan, base_model_ids).encode(),
     }
-    files = {name: _json_bytes(data) for name, data in documents.items()}
-    files[MODEL_CARD_NAME] = render_model_card(plan, base_model_ids).encode()
+    digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    for path in side_files:
+        digests[path.name] = file_sha256(path)
+    manifest = plan.manifest()
+    manifest["output"]["files"] = dict(sorted(digests.items()))
+    files[MANIFEST_NAME] = _json_bytes(manifest)
     return files
+
+
+def file_sha256(path: Path) -> str:
+    """Return a file's SHA-256 in hex, reading it in fixed-size blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(2**20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_metadata_files(files: dict[str, bytes], side_files: list[Path], partial: Path, file_mode: int) -> None:
