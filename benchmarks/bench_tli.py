@@ -112,7 +112,7 @@ def folder_bytes(folder: Path) -> int:
 
 
 def settle_page_cache(cold: bool) -> None:
-    """Flush every dirty page, so no command pays for an earlier one's writeback; with `cold`, also empty the page cache."""
+    """Flush every dirty page so no command pays for an earlier one's writeback. With `cold`, also empty the page cache."""
     os.sync()
     if cold:
         try:

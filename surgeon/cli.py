@@ -111,8 +111,8 @@ def apply_command(
 def push_command(output: str, repo_id: str, private: bool) -> None:
     """Upload the finished output OUTPUT to the Hub model repository ORG/NAME.
 
-    The folder is verified first. Running it again after an interruption
-    uploads only what the Hub does not have yet.
+    The quick `surgeon verify` check runs first, leaving out the file hashes,
+    so a model card edited after the run is uploaded as it is.
     """
     from surgeon.api import push_output
 

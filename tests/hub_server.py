@@ -48,7 +48,7 @@ class HubServer:
     created: list[dict] = field(default_factory=list)
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
     validated: list[str] = field(default_factory=list)
-    # Set to answer every upload commit with HTTP 500, as a Hub outage would.
+    # When set, the server returns HTTP 500 for every upload commit, as in a Hub outage.
     refuse_commits: bool = False
     url: str = ""
 
@@ -205,7 +205,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _commit(self, repo_id: str, revision: str, body: bytes) -> None:
         if self.hub.refuse_commits:
-            return self._error(500, "InternalError", "the server refuses commits")
+            return self._error(500, "InternalError", "commits are rejected")
         stored = self.hub.uploaded.setdefault(repo_id, {})
         for line in body.splitlines():
             item = json.loads(line)
