@@ -158,8 +158,21 @@ def _check_files(folder: Path, manifest: dict) -> None:
     if recorded is None:
         logger.info("%s lists no file hashes (written before surgeon recorded them); skipping that check", MANIFEST_NAME)
         return
+    if not isinstance(recorded, dict):
+        raise VerifyError("output.files is not a mapping of file name to SHA-256", path=folder / MANIFEST_NAME, field="output.files", fix=_REBUILD_FIX)
+
     for name, digest in sorted(recorded.items()):
+        # Only plain names of top-level files, so a manifest can never make verify read outside the folder.
+        if Path(name).name != name or name in (".", "..") or not isinstance(digest, str):
+            raise VerifyError(
+                f"output.files has an invalid entry {name!r}: {digest!r}",
+                path=folder / MANIFEST_NAME,
+                field="output.files",
+                fix=_REBUILD_FIX,
+            )
         path = folder / name
+        if path.is_symlink():
+            raise VerifyError(f"{name} is a symbolic link, where surgeon wrote a regular file", path=path, field="output.files", fix=_REBUILD_FIX)
         if not path.is_file():
             raise VerifyError(f"{name} is missing, and {MANIFEST_NAME} lists it", path=path, field="output.files", fix=_REBUILD_FIX)
         actual = file_sha256(path)

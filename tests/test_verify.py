@@ -63,6 +63,13 @@ def edit_json(name: str, edit: Callable[[dict], None]) -> Callable[[Path], None]
     return mutate
 
 
+def replace_with_link(path: Path) -> None:
+    """Move a file aside and leave a symbolic link to it in its place."""
+    moved = path.with_name(path.name + ".moved")
+    path.rename(moved)
+    path.symlink_to(moved)
+
+
 def drop_manifest_shard(manifest: dict) -> None:
     manifest["output"]["shards"].pop()
 
@@ -85,6 +92,9 @@ DAMAGE = [
     ("config_value_edited", edit_json("config.json", lambda config: config.__setitem__("rope_theta", 1.0)), "config.json differs from the file surgeon wrote", True),
     ("model_card_edited", lambda folder: (folder / "README.md").write_text("edited\n"), "README.md differs from the file surgeon wrote", True),
     ("side_file_missing", lambda folder: (folder / "generation_config.json").unlink(), "generation_config.json is missing", True),
+    ("manifest_file_outside_folder", edit_json("surgeon.json", lambda manifest: manifest["output"]["files"].__setitem__("../x", "0" * 64)), "output.files has an invalid entry '../x'", True),
+    ("manifest_files_not_mapping", edit_json("surgeon.json", lambda manifest: manifest["output"].__setitem__("files", [])), "output.files is not a mapping", True),
+    ("side_file_replaced_by_link", lambda folder: replace_with_link(folder / "generation_config.json"), "generation_config.json is a symbolic link", True),
     ("index_total_size_wrong", edit_json("model.safetensors.index.json", lambda index: index["metadata"].__setitem__("total_size", 5)), "metadata.total_size is 5", True),
 ]
 
