@@ -26,18 +26,12 @@ from safetensors.torch import load_file  # noqa: E402
 
 from surgeon.errors import TrainingError  # noqa: E402
 from surgeon.train import data as train_data  # noqa: E402
+from surgeon.train.checkpoints import capture_rng_state, restore_rng_state  # noqa: E402
 from surgeon.train.commands import eval_command, plot_command, train_command  # noqa: E402
 from surgeon.train.evaluate import choose_autocast_dtype, choose_device, evaluate_model  # noqa: E402
 from surgeon.train.plot import run_labels  # noqa: E402
-from surgeon.train.trainer import (  # noqa: E402
-    TrainConfig,
-    WarmupCosineSchedule,
-    build_optimizer,
-    capture_rng_state,
-    restore_rng_state,
-    select_trainable_parameters,
-    train,
-)
+from surgeon.train.selection import select_trainable_parameters  # noqa: E402
+from surgeon.train.trainer import TrainConfig, WarmupCosineSchedule, build_optimizer, train  # noqa: E402
 from tests.models import TINY_ARCHITECTURES, build_tiny  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -1,53 +1,58 @@
-"""Train a causal LM checkpoint: the loop, parameter selection, checkpoints and resume.
+"""Train a causal LM checkpoint: run settings, optimizer, learning-rate schedule and the loop with resume.
 
 One process, DDP and FSDP2 under `torchrun` share one loop. Every optimizer step
 reads a global batch of per-process batch × world size × gradient accumulation
 windows, split over ranks as `PackedWindows.micro_batch` describes.
+
+Parameter selection, the process group and checkpoint files are in the
+`selection`, `distributed` and `checkpoints` modules.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import math
-import os
-import random
-import re
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from surgeon.errors import TrainingError
+from surgeon.train.checkpoints import (
+    CHECKPOINT_PREFIX,
+    METRICS_NAME,
+    OPTIMIZER_NAME,
+    RUN_CONFIG_NAME,
+    SCHEDULER_NAME,
+    TRAINER_STATE_NAME,
+    capture_rng_state,
+    find_latest_checkpoint,
+    gather_full_state,
+    read_checkpoint_dtype,
+    restore_rng_state,
+    save_model_folder,
+    seed_everything,
+)
 from surgeon.train.data import BatchLayout, PackedWindows, fingerprint_windows, pack_windows, read_documents, tokenize_documents
+from surgeon.train.distributed import all_reduce_mean, enable_activation_checkpointing, gradient_sync, start_process_group, unwrap_model, wrap_model
 from surgeon.train.evaluate import (
     autocast_context,
     choose_autocast_dtype,
-    choose_device,
     evaluate_model,
     load_causal_lm,
     load_eval_windows,
     load_tokenizer,
 )
+from surgeon.train.selection import select_trainable_parameters
 
 logger = logging.getLogger(__name__)
-
-MANIFEST_NAME = "surgeon.json"
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAINER_STATE_NAME = "trainer_state.pt"
-OPTIMIZER_NAME = "optimizer.pt"
-SCHEDULER_NAME = "scheduler.pt"
-METRICS_NAME = "metrics.jsonl"
-RUN_CONFIG_NAME = "run.json"
 
 # Settings that fix the data order and the learning-rate schedule; a resume with other values would not continue the run.
 RESUME_LOCKED_SETTINGS = ("seq_len", "steps", "lr", "min_lr_ratio", "warmup_steps", "seed", "train")
@@ -167,92 +172,6 @@ class WarmupCosineSchedule:
         return self.min_ratio + (1.0 - self.min_ratio) * cosine
 
 
-# ---------------------------------------------------------------- parameter selection
-
-
-def read_new_layer_indices(checkpoint: Path) -> list[int]:
-    """Return the decoder layer indices that the checkpoint's `surgeon.json` marks as new (injected)."""
-    manifest_path = checkpoint / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise TrainingError(
-            "--train new needs surgeon.json, which marks the injected layers, but it is missing",
-            path=manifest_path,
-            fix="train a folder written by surgeon, or select parameters with --train all or --train 'PATTERN'",
-        )
-
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise TrainingError(f"invalid JSON: {error.msg}", path=manifest_path, line=error.lineno) from error
-
-    layers = manifest.get("layers") if isinstance(manifest, dict) else None
-    if not isinstance(layers, list):
-        raise TrainingError("surgeon.json has no 'layers' list", path=manifest_path, field="layers")
-
-    indices = []
-    for position, layer in enumerate(layers):
-        if not isinstance(layer, dict) or not isinstance(layer.get("index"), int):
-            raise TrainingError("each layer needs an integer 'index'", path=manifest_path, field=f"layers[{position}]", value=layer)
-        if layer.get("new") is True:
-            indices.append(layer["index"])
-
-    if not indices:
-        raise TrainingError(
-            "surgeon.json marks no layer as new, so --train new would train nothing",
-            path=manifest_path,
-            fix="use --train all or --train 'PATTERN'",
-        )
-    return sorted(indices)
-
-
-def _selector_matcher(selector: str, checkpoint: Path) -> Any:
-    """Return a predicate on parameter names for one `--train` value."""
-    if selector == "all":
-        return lambda name: True
-
-    if selector == "new":
-        prefixes = tuple(f"model.layers.{index}." for index in read_new_layer_indices(checkpoint))
-        return lambda name: name.startswith(prefixes)
-
-    if selector.startswith("re:"):
-        try:
-            pattern = re.compile(selector[3:])
-        except re.error as error:
-            raise TrainingError(f"invalid regular expression: {error}", field="train", value=selector) from error
-        return lambda name: pattern.search(name) is not None
-
-    return lambda name: fnmatch.fnmatchcase(name, selector)
-
-
-def select_trainable_parameters(model: torch.nn.Module, selectors: Sequence[str], checkpoint: Path) -> list[str]:
-    """Set `requires_grad` to train the union of `selectors` and freeze the rest; return the trainable names.
-
-    A selector is `all`, `new` (layers marked new in surgeon.json), `re:REGEX`
-    (searched in the name) or an fnmatch glob matched against the whole name.
-    Tied weights are one parameter under several names: it trains when any of
-    its names matches, and is counted and returned once.
-    """
-    all_names = list(model.named_parameters(remove_duplicate=False))
-    selected_ids: set[int] = set()
-    for selector in selectors:
-        matches = _selector_matcher(selector, checkpoint)
-        matched = [parameter for name, parameter in all_names if matches(name)]
-        if not matched:
-            examples = ", ".join(name for name, _ in all_names[:3])
-            raise TrainingError(
-                "the selector matches no parameter",
-                field="train",
-                value=selector,
-                fix=f"parameter names look like {examples}; use a glob such as 'model.layers.4.*' or 're:REGEX'",
-            )
-        selected_ids.update(id(parameter) for parameter in matched)
-
-    for _, parameter in all_names:
-        parameter.requires_grad_(id(parameter) in selected_ids)
-
-    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
-
-
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """Build AdamW over the trainable parameters only, so weight decay never touches frozen ones.
 
@@ -267,249 +186,6 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     if not_decayed:
         groups.append({"params": not_decayed, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
-
-
-# ---------------------------------------------------------------- processes
-
-
-@dataclass(frozen=True)
-class ProcessGroup:
-    """This process's place in a `torchrun` launch; world size 1 without one."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-
-def start_process_group(requested_device: str) -> ProcessGroup:
-    """Join the `torchrun` process group when WORLD_SIZE is set: NCCL on CUDA, gloo on CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = choose_device(requested_device, local_rank)
-
-    if world_size > 1 and not dist.is_initialized():
-        # NOTE: the tests run only the gloo/CPU branch; the NCCL branch has not been run on a GPU yet.
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
-        logger.info("joined process group: rank %d of %d on %s", rank, world_size, device)
-    return ProcessGroup(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
-
-
-def enable_activation_checkpointing(model: Any) -> None:
-    """Recompute each decoder layer in the backward pass, with non-reentrant checkpointing.
-
-    Non-reentrant checkpointing still sends gradients to trainable layers when the
-    layer inputs need none, as with frozen embeddings under `--train new`.
-    transformers 5 renamed the method, so both names are tried.
-    """
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def wrap_model(model: torch.nn.Module, config: TrainConfig, group: ProcessGroup, autocast_dtype: torch.dtype | None) -> torch.nn.Module:
-    """Move the model to its device and wrap it in FSDP2 (`--fsdp`) or DDP (several processes)."""
-    if config.fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        if not dist.is_initialized():
-            raise TrainingError("--fsdp needs a process group", field="fsdp", fix="launch with torchrun")
-
-        mesh = init_device_mesh(group.device.type, (group.world_size,))
-        mixed_precision = MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32)
-        # fully_shard moves each shard to the mesh device, so the full model never sits on one accelerator.
-        # NOTE: every process still loads the full float32 model into CPU memory before sharding it.
-        for layer in model.get_submodule("model.layers"):
-            fully_shard(layer, mesh=mesh, mp_policy=mixed_precision)
-        fully_shard(model, mesh=mesh, mp_policy=mixed_precision)
-        return model
-
-    model.to(group.device)
-    if group.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        device_ids = [group.device.index] if group.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
-    return model
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Return the Hugging Face model inside a DDP wrapper; FSDP2 shards in place and needs no unwrapping."""
-    return getattr(model, "module", model)
-
-
-def gradient_sync(model: torch.nn.Module, sync: bool) -> Any:
-    """Return a context that skips the gradient all-reduce on accumulation micro-steps that are not the last."""
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(sync)
-        return nullcontext()
-    if hasattr(model, "no_sync") and not sync:
-        return model.no_sync()
-    return nullcontext()
-
-
-def all_reduce_mean(value: torch.Tensor, group: ProcessGroup) -> float:
-    """Average a scalar over all processes."""
-    if group.world_size > 1:
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        value /= group.world_size
-    return value.item()
-
-
-# ---------------------------------------------------------------- state and checkpoints
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Return the python, numpy and torch RNG states as tensors and plain values, safe for `weights_only` loading."""
-    python_version, python_internal, python_gauss = random.getstate()
-    numpy_state = np.random.get_state(legacy=False)
-    state: dict[str, Any] = {
-        "python": {"version": python_version, "internal": torch.tensor(python_internal, dtype=torch.int64), "gauss": python_gauss},
-        "numpy": {
-            "bit_generator": numpy_state["bit_generator"],
-            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
-            "pos": int(numpy_state["state"]["pos"]),
-            "has_gauss": int(numpy_state["has_gauss"]),
-            "gauss": float(numpy_state["gauss"]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Undo `capture_rng_state`."""
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss"]))
-
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        {
-            "bit_generator": numpy_state["bit_generator"],
-            "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
-            "has_gauss": numpy_state["has_gauss"],
-            "gauss": numpy_state["gauss"],
-        }
-    )
-
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """Return STEP of a complete `checkpoint-STEP` folder, or None for anything else."""
-    suffix = path.name.removeprefix(CHECKPOINT_PREFIX)
-    if not path.name.startswith(CHECKPOINT_PREFIX) or not suffix.isdigit():
-        return None
-    if not (path / TRAINER_STATE_NAME).is_file():
-        return None
-    return int(suffix)
-
-
-def find_latest_checkpoint(out: Path) -> Path | None:
-    """Return the complete checkpoint folder in `out` with the highest step, or None."""
-    if not out.is_dir():
-        return None
-    steps = {step: path for path in out.iterdir() if (step := checkpoint_step(path)) is not None}
-    return steps[max(steps)] if steps else None
-
-
-def read_checkpoint_dtype(checkpoint: Path) -> torch.dtype:
-    """Return the dtype that config.json declares (`dtype`, or `torch_dtype` in older files), float32 if none."""
-    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    dtype = getattr(torch, str(name), None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
-
-
-def gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Collect the unsharded model (and optimizer) state on CPU; a collective call under FSDP, so every rank calls it.
-
-    Optimizer state is keyed by parameter name, so a checkpoint resumes under
-    one process, DDP or FSDP alike.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    module = unwrap_model(model)
-    model_state = get_model_state_dict(module, options=options)
-    optimizer_state = get_optimizer_state_dict(module, optimizer, options=options) if optimizer is not None else None
-    return model_state, optimizer_state
-
-
-def tied_parameter_aliases(module: torch.nn.Module) -> set[str]:
-    """Return the second and later names of parameters shared under several names, such as a tied `lm_head.weight`.
-
-    A gathered full state dict contains separate copies of tied tensors, so
-    `save_pretrained` cannot detect the tie by identity and would write both.
-    """
-    seen_ids: set[int] = set()
-    aliases = set()
-    for name, parameter in module.named_parameters(remove_duplicate=False):
-        if id(parameter) in seen_ids:
-            aliases.add(name)
-        seen_ids.add(id(parameter))
-    return aliases
-
-
-def save_model_folder(
-    model: torch.nn.Module,
-    state_dict: dict[str, torch.Tensor],
-    folder: Path,
-    *,
-    tokenizer: Any,
-    source_checkpoint: Path,
-    dtype: torch.dtype,
-    max_shard_size: str,
-) -> None:
-    """Write a Hugging Face checkpoint folder: config, sharded safetensors in `dtype`, tokenizer and surgeon.json."""
-    module = unwrap_model(model)
-    tied_names = tied_parameter_aliases(module)
-    state_dict = {
-        name: tensor.to(dtype) if tensor.is_floating_point() else tensor
-        for name, tensor in state_dict.items()
-        if name not in tied_names
-    }
-
-    module.config.dtype = dtype
-    module.config.use_cache = True
-    module.save_pretrained(str(folder), state_dict=state_dict, max_shard_size=max_shard_size)
-    module.config.use_cache = False
-
-    tokenizer.save_pretrained(str(folder))
-    manifest_path = source_checkpoint / MANIFEST_NAME
-    if manifest_path.is_file():
-        # Kept so `--train new` still finds the injected layers, and marked so `surgeon verify`
-        # does not mistake the retrained shards for a damaged surgeon output.
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        manifest["trained"] = {"from": str(source_checkpoint), "note": "weights rewritten by surgeon train"}
-        (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------- the run
