@@ -117,8 +117,8 @@ def settle_page_cache(cold: bool) -> None:
     if cold:
         try:
             Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        except OSError:
-            raise SystemExit("--cold empties the page cache through /proc/sys/vm/drop_caches, which needs root; run as root or drop --cold") from None
+        except OSError as error:
+            raise SystemExit(f"--cold could not empty the page cache ({error}); it needs root and a writable /proc/sys, or run without --cold") from None
 
 
 def measure_disk(workdir: Path, cold: bool) -> tuple[float, float]:

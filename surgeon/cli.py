@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import shlex
+import signal
+import sys
 
 import click
 
@@ -90,15 +93,18 @@ def apply_command(
             f"({stream.downloads} input shard downloads)"
         )
     if push_repo:
-        retry = f"surgeon push {output_path} {push_repo}" + (" --private" if private else "")
+        retry = shlex.join(["surgeon", "push", output_path, push_repo] + (["--private"] if private else []))
         try:
             url = push_output(output_path, push_repo, private=private)
         except HubError as error:
             error.message = f"{output_path} is written, but the push failed: {error.message}"
-            error.fix = f"{error.fix}; then upload without rebuilding: `{retry}`" if error.fix else f"upload without rebuilding: `{retry}`"
+            error.fix = f"{error.fix}, then upload without rebuilding: `{retry}`" if error.fix else f"upload without rebuilding: `{retry}`"
             raise
+        except KeyboardInterrupt:
+            click.echo(f"error: {output_path} is written, but the push was interrupted. Fix: upload without rebuilding: `{retry}`", err=True)
+            sys.exit(128 + signal.SIGINT)
         except Exception:
-            click.echo(f"{output_path} is written, but the push failed; upload it without rebuilding: `{retry}`", err=True)
+            click.echo(f"{output_path} is written, but the push failed. Upload it without rebuilding: `{retry}`", err=True)
             raise
         click.echo(f"pushed {output_path} to {url}")
 

@@ -10,7 +10,8 @@ import click
 
 from surgeon.errors import SurgeonError
 
-NETWORK_CLIENT_MODULES = {"httpx", "httpcore", "requests", "urllib3", "huggingface_hub", "hf_xet"}
+# huggingface_hub 2.x sends its requests through httpx2 and httpcore2.
+NETWORK_CLIENT_MODULES = {"httpx", "httpcore", "httpx2", "httpcore2", "requests", "urllib3", "huggingface_hub", "hf_xet"}
 
 
 def reports_errors(command):

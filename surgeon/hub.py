@@ -9,6 +9,7 @@ HubError messages that give the fix.
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import re
 from dataclasses import dataclass
@@ -182,21 +183,60 @@ def translate_hub_errors(reference: HubReference | str) -> Iterator[None]:
         ) from error
 
 
-def check_output_folder(folder: Path) -> None:
-    """Run `surgeon verify`'s quick check (headers, sizes, index and config layers) before an upload.
+def list_upload_files(folder: Path) -> list[str]:
+    """Check a folder before an upload and return the names of the files to upload.
 
-    File hashes are left out, so a model card edited after the run is uploaded as it is.
+    A `surgeon apply` output gets the quick `surgeon verify` check, in which only
+    the model card may differ from the written one. Only the files its manifest
+    names are uploaded, so journals, temporary files and later additions stay
+    local. A `surgeon train` folder is opened as a checkpoint, which checks its
+    headers and index, and its top-level files are uploaded.
     """
-    from surgeon.verify import verify_output
+    from surgeon.verify import is_trained_folder, read_manifest, verify_output
+    from surgeon.writer.output import MANIFEST_NAME, MODEL_CARD_NAME
 
-    verify_output(folder, files=False)
+    if is_trained_folder(folder):
+        open_checkpoint(folder).close()
+        names = _listed_top_level_files(folder)
+    else:
+        verify_output(folder, editable=frozenset({MODEL_CARD_NAME}))
+        output = read_manifest(folder)["output"]
+        if "files" in output:
+            names = [shard["file"] for shard in output["shards"]] + list(output["files"]) + [MANIFEST_NAME]
+        else:
+            names = _listed_top_level_files(folder)
+
+    for name in names:
+        path = folder / name
+        if path.is_symlink() or not path.is_file():
+            raise HubError(f"{name} is not a regular file, and only regular files are uploaded", path=path, fix=f"replace {name} with the file itself")
+    skipped = sorted(path.name for path in folder.iterdir() if path.name not in names)
+    if skipped:
+        logger.warning("not uploading %s: not part of the checkpoint", ", ".join(skipped))
+    return sorted(names)
+
+
+def _listed_top_level_files(folder: Path) -> list[str]:
+    """Return the top-level regular files, leaving out links, hidden files and unfinished `.tmp` files."""
+    return [
+        path.name
+        for path in folder.iterdir()
+        if not path.name.startswith(".") and not path.name.endswith(".tmp") and not path.is_symlink() and path.is_file()
+    ]
 
 
 def check_push_target(repo_id: str) -> None:
     """Reject a malformed repository id, or pushing while offline, before any work that the push would follow."""
     from huggingface_hub import constants
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
-    if not _REPO_ID.fullmatch(repo_id) or "/" not in repo_id:
+    try:
+        valid = bool(_REPO_ID.fullmatch(repo_id)) and "/" in repo_id
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise HubError(f"invalid repository id {repo_id!r} to push to: {error}", value=repo_id, fix="write ORG/NAME, e.g. my-org/SmolLM2-tli") from error
+    if not valid:
         raise HubError(f"invalid repository id {repo_id!r} to push to", value=repo_id, fix="write ORG/NAME, e.g. my-org/SmolLM2-tli")
     if constants.HF_HUB_OFFLINE:
         raise HubError("cannot push while HF_HUB_OFFLINE is set", value=repo_id, fix="unset HF_HUB_OFFLINE, then run the command again")
@@ -212,7 +252,8 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False) -> s
 
     folder = Path(folder)
     check_push_target(repo_id)
-    check_output_folder(folder)
+    names = list_upload_files(folder)
+    patterns = [glob.escape(name) for name in names]
 
     api = HfApi()
     with translate_hub_errors(repo_id):
@@ -220,12 +261,14 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False) -> s
         upload_large_folder = getattr(api, "upload_large_folder", None)
         if upload_large_folder is not None:
             # NOTE: only huggingface_hub versions before 2.0 take this path, and no test covers it.
-            upload_large_folder(repo_id=repo_id, folder_path=folder, repo_type="model", private=private)
+            upload_large_folder(repo_id=repo_id, folder_path=folder, repo_type="model", private=private, allow_patterns=patterns)
             return f"{api.endpoint}/{repo_id}"
         # huggingface_hub 2.x has no upload_large_folder. With hf_xet installed, its upload_folder
         # commits large folders in several commits and resumes when run again.
         try:
-            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message="Upload model written by surgeon")
+            commit = api.upload_folder(
+                repo_id=repo_id, folder_path=folder, repo_type="model", commit_message="Upload model written by surgeon", allow_patterns=patterns
+            )
         except ValueError as error:
             # huggingface_hub raises ValueError when the Hub rejects README.md metadata.
             raise HubError(f"the Hub rejected the upload: {error}", path=folder / "README.md", fix="fix the model card metadata, then push again") from error

@@ -24,7 +24,7 @@ from surgeon.errors import SurgeonError, VerifyError
 from surgeon.plan import compile_plan
 from surgeon.recipe import parse_recipe
 from surgeon.writer import MANIFEST_NAME
-from surgeon.writer.output import file_sha256
+from surgeon.writer.output import JOURNAL_NAME, PARTIAL_SUFFIX, file_sha256
 from surgeon.writer.tensor_data import expected_chunks
 
 logger = logging.getLogger(__name__)
@@ -43,24 +43,45 @@ class VerifyReport:
     compared_bytes: int
 
 
-def verify_output(folder: str | Path, deep: bool = False, files: bool = True) -> VerifyReport:
+def verify_output(folder: str | Path, deep: bool = False, files: bool = True, editable: frozenset[str] = frozenset()) -> VerifyReport:
     """Check a finished output against its manifest; with `deep`, compare every tensor's bytes too.
 
     With `files`, every non-shard file the manifest lists (config, index, model
-    card, tokenizer files) must also have its recorded SHA-256.
+    card, tokenizer files) must also have its recorded SHA-256, except the
+    `editable` ones, which need only exist.
     """
     folder = Path(folder)
+    _check_finished(folder)
     manifest = read_manifest(folder)
     output = _open_output(folder)
     try:
         _check_shards(output, manifest)
         _check_layers(output, manifest)
         if files:
-            _check_files(folder, manifest)
+            _check_files(folder, manifest, editable)
         compared = _compare_tensor_bytes(output, manifest) if deep else 0
     finally:
         output.close()
     return VerifyReport(shards=len(output.shards), tensors=len(output.tensors), compared_bytes=compared)
+
+
+def _check_finished(folder: Path) -> None:
+    """Reject the writer's partial folder, whose files can look complete before the run has finished."""
+    if folder.name.endswith(PARTIAL_SUFFIX) or (folder / JOURNAL_NAME).exists():
+        raise VerifyError(
+            f"this is the partial folder of an unfinished run (it holds {JOURNAL_NAME} or ends in {PARTIAL_SUFFIX})",
+            path=folder,
+            fix="finish the run with `surgeon apply ... --resume`, then check the output folder it names",
+        )
+
+
+def is_trained_folder(folder: Path) -> bool:
+    """Return whether `surgeon train` wrote the folder, which marks the manifest it copies with `trained`."""
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and isinstance(manifest.get("trained"), dict)
 
 
 def read_manifest(folder: Path) -> dict:
@@ -72,17 +93,71 @@ def read_manifest(folder: Path) -> dict:
         manifest = json.loads(path.read_bytes())
     except ValueError as error:
         raise VerifyError(f"{MANIFEST_NAME} is not valid JSON ({error})", path=path, fix=_REBUILD_FIX) from error
-    shards = manifest.get("output", {}).get("shards") if isinstance(manifest, dict) and isinstance(manifest.get("output"), dict) else None
-    if not isinstance(shards, list) or not all(isinstance(entry, dict) for entry in shards):
-        raise VerifyError("manifest has no output.shards list", path=path, field="output.shards", fix=_REBUILD_FIX)
-    if "trained" in manifest:
+    if not isinstance(manifest, dict):
+        raise VerifyError(f"{MANIFEST_NAME} is not a JSON object", path=path, fix=_REBUILD_FIX)
+    if isinstance(manifest.get("trained"), dict):
         raise VerifyError(
             "this folder was written by `surgeon train`, so its shards are no longer the ones `surgeon apply` wrote",
             path=path,
             field="trained",
             fix=f"verify the surgeon output it was trained from ({manifest['trained'].get('from')})",
         )
+    _check_manifest_fields(manifest, path)
     return manifest
+
+
+# The manifest fields verify reads, with their JSON types. `{}` stands for every key of a mapping and `[]` for every list item.
+_MANIFEST_FIELDS = [
+    ("output", dict),
+    ("output.architecture", str),
+    ("output.num_layers", int),
+    ("output.total_size", int),
+    ("output.shards", list),
+    ("output.shards.[]", dict),
+    ("output.shards.[].file", str),
+    ("output.shards.[].size", int),
+    ("output.shards.[].header_sha256", str),
+    ("recipe", dict),
+    ("recipe.text", str),
+    ("base_model", str),
+    ("inputs", dict),
+    ("inputs.{}", dict),
+    ("inputs.{}.path", str),
+    ("inputs.{}.fingerprint", str),
+]
+
+
+def _check_manifest_fields(manifest: dict, path: Path) -> None:
+    """Require every field verify reads to be present with its JSON type, so damage gives a VerifyError, not a traceback."""
+    for field, expected in _MANIFEST_FIELDS:
+        for name, value in _resolve_field(manifest, field):
+            # JSON true and false load as bool, which Python counts as int.
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise VerifyError(
+                    f"{MANIFEST_NAME} field {name} is {value!r}, expected a JSON {_JSON_TYPE_NAMES[expected]}",
+                    path=path,
+                    field=name,
+                    fix=_REBUILD_FIX,
+                )
+
+
+_JSON_TYPE_NAMES = {dict: "object", list: "array", str: "string", int: "integer"}
+
+
+def _resolve_field(manifest: dict, field: str) -> list[tuple[str, object]]:
+    """Return (name, value) for every value a field pattern names, None where a key is missing.
+
+    The table lists parents before children, so every parent here already has its checked type.
+    """
+    values: list[tuple[str, object]] = [("", manifest)]
+    for key in field.split("."):
+        if key == "[]":
+            values = [(f"{name}[{index}]", item) for name, items in values for index, item in enumerate(items)]
+        elif key == "{}":
+            values = [(f"{name}.{child}", item) for name, items in values for child, item in items.items()]
+        else:
+            values = [(f"{name}.{key}".lstrip("."), item.get(key)) for name, item in values]
+    return values
 
 
 def _open_output(folder: Path) -> Checkpoint:
@@ -152,14 +227,19 @@ def _check_layers(output: Checkpoint, manifest: dict) -> None:
         )
 
 
-def _check_files(folder: Path, manifest: dict) -> None:
+def _check_files(folder: Path, manifest: dict, editable: frozenset[str]) -> None:
     """Compare every non-shard file the manifest lists with its recorded SHA-256."""
-    recorded = manifest["output"].get("files")
-    if recorded is None:
+    if "files" not in manifest["output"]:
         logger.info("%s lists no file hashes (written before surgeon recorded them); skipping that check", MANIFEST_NAME)
         return
-    if not isinstance(recorded, dict):
-        raise VerifyError("output.files is not a mapping of file name to SHA-256", path=folder / MANIFEST_NAME, field="output.files", fix=_REBUILD_FIX)
+    recorded = manifest["output"]["files"]
+    if not isinstance(recorded, dict) or CONFIG_NAME not in recorded:
+        raise VerifyError(
+            f"output.files is not a mapping of file name to SHA-256 that includes {CONFIG_NAME}",
+            path=folder / MANIFEST_NAME,
+            field="output.files",
+            fix=_REBUILD_FIX,
+        )
 
     for name, digest in sorted(recorded.items()):
         # Only plain names of top-level files, so a manifest can never make verify read outside the folder.
@@ -175,6 +255,8 @@ def _check_files(folder: Path, manifest: dict) -> None:
             raise VerifyError(f"{name} is a symbolic link, where surgeon wrote a regular file", path=path, field="output.files", fix=_REBUILD_FIX)
         if not path.is_file():
             raise VerifyError(f"{name} is missing, and {MANIFEST_NAME} lists it", path=path, field="output.files", fix=_REBUILD_FIX)
+        if name in editable:
+            continue
         actual = file_sha256(path)
         if actual != digest:
             raise VerifyError(

@@ -48,7 +48,8 @@ class HubServer:
     created: list[dict] = field(default_factory=list)
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
     validated: list[str] = field(default_factory=list)
-    # When set, the server returns HTTP 500 for every upload commit, as in a Hub outage.
+    # When set, the server returns HTTP 403 for every upload commit, as for a token without write access.
+    # (huggingface_hub retries 5xx responses with backoff, which would slow the tests by half a minute.)
     refuse_commits: bool = False
     url: str = ""
 
@@ -205,7 +206,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _commit(self, repo_id: str, revision: str, body: bytes) -> None:
         if self.hub.refuse_commits:
-            return self._error(500, "InternalError", "commits are rejected")
+            return self._error(403, "Forbidden", "this token cannot write to the repository")
         stored = self.hub.uploaded.setdefault(repo_id, {})
         for line in body.splitlines():
             item = json.loads(line)

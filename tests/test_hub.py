@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from surgeon.errors import HubError
-from surgeon.hub import HubReference, parse_hub_reference
+from surgeon.hub import HubReference, check_push_target, parse_hub_reference
 from surgeon.streamed_inputs import folder_bytes, staging_folder
 from surgeon.writer import partial_folder
 from tests.hub_server import HubServer, ServedRepo, card_metadata_errors
@@ -393,3 +394,76 @@ def test_push_command_rejects_unfinished_folder(hub_server, tmp_path):
 
     assert result.returncode == 1
     assert "surgeon.json not found" in result.stderr
+
+
+def test_push_uploads_only_checkpoint_files(failed_push, hub_server):
+    written = {path.name for path in failed_push["output"].iterdir()}
+    (failed_push["output"] / ".env").write_text("HF_TOKEN=secret\n")
+    (failed_push["output"] / "notes.txt").write_text("mine\n")
+
+    result = run_cli("push", str(failed_push["output"]), "me/tiny-tli", env=failed_push["env"])
+
+    assert result.returncode == 0, result.stderr
+    assert set(hub_server.uploaded["me/tiny-tli"]) == written
+
+
+def test_push_accepts_edited_model_card(failed_push, hub_server):
+    (failed_push["output"] / "README.md").write_text("---\nlicense: apache-2.0\n---\nMy card.\n")
+
+    result = run_cli("push", str(failed_push["output"]), "me/tiny-tli", env=failed_push["env"])
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_push_rejects_edited_config(failed_push):
+    config_path = failed_push["output"] / "config.json"
+    config = json.loads(config_path.read_text())
+    config["hidden_size"] = 999
+    config_path.write_text(json.dumps(config))
+
+    result = run_cli("push", str(failed_push["output"]), "me/tiny-tli", env=failed_push["env"])
+
+    assert result.returncode == 1
+    assert "config.json" in result.stderr
+
+
+def test_push_rejects_linked_file(failed_push, tmp_path):
+    linked = failed_push["output"] / "generation_config.json"
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    linked.unlink()
+    linked.symlink_to(outside)
+
+    result = run_cli("push", str(failed_push["output"]), "me/tiny-tli", env=failed_push["env"])
+
+    assert result.returncode == 1
+    assert "generation_config.json" in result.stderr
+
+
+def test_push_accepts_trained_folder(failed_push, hub_server):
+    manifest_path = failed_push["output"] / "surgeon.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["trained"] = {"from": "elsewhere", "note": "weights rewritten by surgeon train"}
+    manifest_path.write_text(json.dumps(manifest))
+
+    result = run_cli("push", str(failed_push["output"]), "me/tiny-tli", env=failed_push["env"])
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_push_network_failure_prints_one_line(failed_push):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    env = {**failed_push["env"], "HF_ENDPOINT": f"http://127.0.0.1:{closed_port}"}
+
+    result = run_cli("push", str(failed_push["output"]), "me/tiny-tli", env=env)
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("repo_id", ["me/a--b", "me/a..b", "me/name.git", "me/-name", "me/" + "x" * 97, "no-org", "me/a b"])
+def test_check_push_target_rejects_invalid_id(repo_id):
+    with pytest.raises(HubError):
+        check_push_target(repo_id)

@@ -95,6 +95,10 @@ DAMAGE = [
     ("manifest_file_outside_folder", edit_json("surgeon.json", lambda manifest: manifest["output"]["files"].__setitem__("../x", "0" * 64)), "output.files has an invalid entry '../x'", True),
     ("manifest_files_not_mapping", edit_json("surgeon.json", lambda manifest: manifest["output"].__setitem__("files", [])), "output.files is not a mapping", True),
     ("side_file_replaced_by_link", lambda folder: replace_with_link(folder / "generation_config.json"), "generation_config.json is a symbolic link", True),
+    ("manifest_recipe_null", edit_json("surgeon.json", lambda manifest: manifest.__setitem__("recipe", None)), "field recipe is None, expected a JSON object", True),
+    ("manifest_input_path_missing", edit_json("surgeon.json", lambda manifest: manifest["inputs"]["input"].pop("path")), "field inputs.input.path is None", True),
+    ("manifest_shard_size_text", edit_json("surgeon.json", lambda manifest: manifest["output"]["shards"][0].__setitem__("size", "1")), "field output.shards[0].size is '1'", True),
+    ("journal_present", lambda folder: (folder / ".surgeon-journal.json").write_text("{}"), "partial folder of an unfinished run", True),
     ("index_total_size_wrong", edit_json("model.safetensors.index.json", lambda index: index["metadata"].__setitem__("total_size", 5)), "metadata.total_size is 5", True),
 ]
 
