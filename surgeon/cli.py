@@ -117,8 +117,9 @@ def apply_command(
 def push_command(output: str, repo_id: str, private: bool) -> None:
     """Upload the finished output OUTPUT to the Hub model repository ORG/NAME.
 
-    The quick `surgeon verify` check runs first, leaving out the file hashes,
-    so a model card edited after the run is uploaded as it is.
+    The quick `surgeon verify` check runs first, in which only the model card
+    may differ from the written one. Only the checkpoint's own files are
+    uploaded. A `surgeon train` output is checked as a checkpoint instead.
     """
     from surgeon.api import push_output
 
