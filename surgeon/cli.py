@@ -93,7 +93,7 @@ def apply_command(
             f"({stream.downloads} input shard downloads)"
         )
     if push_repo:
-        retry = shlex.join(["surgeon", "push", output_path, push_repo] + (["--private"] if private else []))
+        retry = push_command_line(output_path, push_repo, private)
         try:
             url = push_output(output_path, push_repo, private=private)
         except HubError as error:
@@ -123,8 +123,18 @@ def push_command(output: str, repo_id: str, private: bool) -> None:
     """
     from surgeon.api import push_output
 
-    url = push_output(output, repo_id, private=private)
+    try:
+        url = push_output(output, repo_id, private=private)
+    except KeyboardInterrupt:
+        click.echo(f"error: the push was interrupted. Fix: run `{push_command_line(output, repo_id, private)}` again", err=True)
+        sys.exit(128 + signal.SIGINT)
     click.echo(f"pushed {output} to {url}")
+
+
+def push_command_line(output: str, repo_id: str, private: bool) -> str:
+    """Return the shell-quoted `surgeon push` command for an output, with `--` before a path that starts with a dash."""
+    separator = ["--"] if output.startswith("-") else []
+    return shlex.join(["surgeon", "push", *(["--private"] if private else []), *separator, output, repo_id])
 
 
 @main.command("plan")

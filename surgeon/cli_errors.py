@@ -54,7 +54,7 @@ def reports_errors(command):
             summary = " ".join(str(error).split())[:300]
             click.echo(
                 f"error: Hub request failed ({type(error).__name__}: {summary}). "
-                "Fix: check your connection and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the local cache",
+                "Fix: check your connection and HF_ENDPOINT (for downloads, HF_HUB_OFFLINE=1 uses the local cache instead)",
                 err=True,
             )
             sys.exit(1)

@@ -235,7 +235,7 @@ def check_push_target(repo_id: str) -> None:
         valid = bool(_REPO_ID.fullmatch(repo_id)) and "/" in repo_id
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise HubError(f"invalid repository id {repo_id!r} to push to: {error}", value=repo_id, fix="write ORG/NAME, e.g. my-org/SmolLM2-tli") from error
+        raise HubError(f"invalid repository id {repo_id!r} to push to: {str(error).rstrip('.')}", value=repo_id, fix="write ORG/NAME, e.g. my-org/SmolLM2-tli") from error
     if not valid:
         raise HubError(f"invalid repository id {repo_id!r} to push to", value=repo_id, fix="write ORG/NAME, e.g. my-org/SmolLM2-tli")
     if constants.HF_HUB_OFFLINE:

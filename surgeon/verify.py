@@ -19,7 +19,7 @@ from pathlib import Path
 
 from surgeon.architectures import detect_architecture, split_layers
 from surgeon.checkpoint import Checkpoint, open_checkpoint
-from surgeon.checkpoint.reader import CONFIG_NAME
+from surgeon.checkpoint.reader import CONFIG_NAME, INDEX_NAME
 from surgeon.errors import SurgeonError, VerifyError
 from surgeon.plan import compile_plan
 from surgeon.recipe import parse_recipe
@@ -66,13 +66,20 @@ def verify_output(folder: str | Path, deep: bool = False, files: bool = True, ed
 
 
 def _check_finished(folder: Path) -> None:
-    """Reject the writer's partial folder, whose files can look complete before the run has finished."""
+    """Reject the writer's partial folder, and links among the files read first, before reading anything.
+
+    A partial folder's files can look complete before the run has finished, and
+    a link could make verify read a file outside the output folder.
+    """
     if folder.name.endswith(PARTIAL_SUFFIX) or (folder / JOURNAL_NAME).exists():
         raise VerifyError(
             f"this is the partial folder of an unfinished run (it holds {JOURNAL_NAME} or ends in {PARTIAL_SUFFIX})",
             path=folder,
             fix="finish the run with `surgeon apply ... --resume`, then check the output folder it names",
         )
+    for name in (MANIFEST_NAME, CONFIG_NAME, INDEX_NAME):
+        if (folder / name).is_symlink():
+            raise VerifyError(f"{name} is a symbolic link, where surgeon wrote a regular file", path=folder / name, fix=_REBUILD_FIX)
 
 
 def is_trained_folder(folder: Path) -> bool:
@@ -93,6 +100,8 @@ def read_manifest(folder: Path) -> dict:
         manifest = json.loads(path.read_bytes())
     except ValueError as error:
         raise VerifyError(f"{MANIFEST_NAME} is not valid JSON ({error})", path=path, fix=_REBUILD_FIX) from error
+    except RecursionError as error:
+        raise VerifyError(f"{MANIFEST_NAME} nests JSON too deeply to parse", path=path, fix=_REBUILD_FIX) from error
     if not isinstance(manifest, dict):
         raise VerifyError(f"{MANIFEST_NAME} is not a JSON object", path=path, fix=_REBUILD_FIX)
     if isinstance(manifest.get("trained"), dict):
@@ -243,7 +252,7 @@ def _check_files(folder: Path, manifest: dict, editable: frozenset[str]) -> None
 
     for name, digest in sorted(recorded.items()):
         # Only plain names of top-level files, so a manifest can never make verify read outside the folder.
-        if Path(name).name != name or name in (".", "..") or not isinstance(digest, str):
+        if not name or Path(name).name != name or name in (".", "..") or not isinstance(digest, str):
             raise VerifyError(
                 f"output.files has an invalid entry {name!r}: {digest!r}",
                 path=folder / MANIFEST_NAME,
@@ -254,7 +263,7 @@ def _check_files(folder: Path, manifest: dict, editable: frozenset[str]) -> None
         if path.is_symlink():
             raise VerifyError(f"{name} is a symbolic link, where surgeon wrote a regular file", path=path, field="output.files", fix=_REBUILD_FIX)
         if not path.is_file():
-            raise VerifyError(f"{name} is missing, and {MANIFEST_NAME} lists it", path=path, field="output.files", fix=_REBUILD_FIX)
+            raise VerifyError(f"{name} is missing or not a regular file, and {MANIFEST_NAME} lists it", path=path, field="output.files", fix=_REBUILD_FIX)
         if name in editable:
             continue
         actual = file_sha256(path)

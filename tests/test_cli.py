@@ -167,6 +167,7 @@ def test_apply_writes_manifest_and_model_card(tiny_models, tmp_path):
         ("version: 1\nsteps:\n  - tli: {every: -1}\n", "greater than 0"),
         ("version: 1\nsteps:\n  - tli: {every: 4\n", "invalid YAML"),
         ("- 1\n- 2\n", "YAML mapping"),
+        ("version: 1\nsteps: " + "[" * 100_000 + "]" * 100_000 + "\n", "too deeply"),
     ],
 )
 def test_apply_invalid_recipe_is_rejected(recipe_text, fragment, tiny_models, tmp_path):
@@ -297,3 +298,17 @@ def test_ctrl_c_outside_writing_prints_one_line():
         "error: interrupted by Ctrl-C; no output was finished. "
         "Fix: run the command again (a `surgeon train` run continues from its last checkpoint with --resume)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("output", "private", "expected"),
+    [
+        ("out", False, "surgeon push out me/x"),
+        ("my out", True, "surgeon push --private 'my out' me/x"),
+        ("-out", False, "surgeon push -- -out me/x"),
+    ],
+)
+def test_push_command_line_quotes_output(output, private, expected):
+    from surgeon.cli import push_command_line
+
+    assert push_command_line(output, "me/x", private) == expected

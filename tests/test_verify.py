@@ -99,6 +99,9 @@ DAMAGE = [
     ("manifest_input_path_missing", edit_json("surgeon.json", lambda manifest: manifest["inputs"]["input"].pop("path")), "field inputs.input.path is None", True),
     ("manifest_shard_size_text", edit_json("surgeon.json", lambda manifest: manifest["output"]["shards"][0].__setitem__("size", "1")), "field output.shards[0].size is '1'", True),
     ("journal_present", lambda folder: (folder / ".surgeon-journal.json").write_text("{}"), "partial folder of an unfinished run", True),
+    ("manifest_deeply_nested", lambda folder: (folder / "surgeon.json").write_text('{"x": ' + "[" * 200_000 + "]" * 200_000 + "}"), "nests JSON too deeply", True),
+    ("manifest_linked", lambda folder: replace_with_link(folder / "surgeon.json"), "surgeon.json is a symbolic link", True),
+    ("config_linked", lambda folder: replace_with_link(folder / "config.json"), "config.json is a symbolic link", True),
     ("index_total_size_wrong", edit_json("model.safetensors.index.json", lambda index: index["metadata"].__setitem__("total_size", 5)), "metadata.total_size is 5", True),
 ]
 

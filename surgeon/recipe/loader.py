@@ -185,6 +185,8 @@ def parse_recipe(text: str, path: str = "<recipe>") -> LoadedRecipe:
             line=mark.line + 1 if mark else None,
             fix="fix the YAML syntax at that line",
         ) from error
+    except RecursionError as error:
+        raise RecipeError("recipe nests YAML lists or mappings too deeply to parse", path=path, fix="write the recipe with at most a few levels of nesting") from error
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a YAML mapping", path=path, fix="start the file with `version: 1` and a `steps:` list")
 
