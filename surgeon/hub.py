@@ -232,11 +232,10 @@ def check_push_target(repo_id: str) -> None:
     from huggingface_hub.utils import validate_repo_id
 
     try:
-        valid = bool(_REPO_ID.fullmatch(repo_id)) and "/" in repo_id
         validate_repo_id(repo_id)
     except HFValidationError as error:
         raise HubError(f"invalid repository id {repo_id!r} to push to: {str(error).rstrip('.')}", value=repo_id, fix="write ORG/NAME, e.g. my-org/SmolLM2-tli") from error
-    if not valid:
+    if "/" not in repo_id or not _REPO_ID.fullmatch(repo_id):
         raise HubError(f"invalid repository id {repo_id!r} to push to", value=repo_id, fix="write ORG/NAME, e.g. my-org/SmolLM2-tli")
     if constants.HF_HUB_OFFLINE:
         raise HubError("cannot push while HF_HUB_OFFLINE is set", value=repo_id, fix="unset HF_HUB_OFFLINE, then run the command again")

@@ -3,8 +3,8 @@
 The quick check reads only headers and small files: every shard's size and
 header hash against the manifest, the index against the shards, config.json's
 layer fields against the tensors, and the SHA-256 of every other file
-(config, index, model card, tokenizer files) against the manifest. The deep check also compares every tensor's bytes. It
-recompiles the recorded recipe against the recorded inputs, whose fingerprints
+(config, index, model card, tokenizer files) against the manifest. The deep
+check also compares every tensor's bytes. It recompiles the recorded recipe against the recorded inputs, whose fingerprints
 must still match, and regenerates each tensor as the writer did. That keeps
 hashing off the write path, at the price of needing the inputs at verify time.
 """
@@ -43,29 +43,28 @@ class VerifyReport:
     compared_bytes: int
 
 
-def verify_output(folder: str | Path, deep: bool = False, files: bool = True, editable: frozenset[str] = frozenset()) -> VerifyReport:
+def verify_output(folder: str | Path, deep: bool = False, editable: frozenset[str] = frozenset()) -> VerifyReport:
     """Check a finished output against its manifest; with `deep`, compare every tensor's bytes too.
 
-    With `files`, every non-shard file the manifest lists (config, index, model
-    card, tokenizer files) must also have its recorded SHA-256, except the
-    `editable` ones, which need only exist.
+    Every non-shard file the manifest lists (config, index, model card,
+    tokenizer files) must have its recorded SHA-256, except the `editable`
+    ones, which need only exist.
     """
     folder = Path(folder)
-    _check_finished(folder)
+    _check_before_reading(folder)
     manifest = read_manifest(folder)
     output = _open_output(folder)
     try:
         _check_shards(output, manifest)
         _check_layers(output, manifest)
-        if files:
-            _check_files(folder, manifest, editable)
+        _check_files(folder, manifest, editable)
         compared = _compare_tensor_bytes(output, manifest) if deep else 0
     finally:
         output.close()
     return VerifyReport(shards=len(output.shards), tensors=len(output.tensors), compared_bytes=compared)
 
 
-def _check_finished(folder: Path) -> None:
+def _check_before_reading(folder: Path) -> None:
     """Reject the writer's partial folder, and links among the files read first, before reading anything.
 
     A partial folder's files can look complete before the run has finished, and
@@ -73,13 +72,17 @@ def _check_finished(folder: Path) -> None:
     """
     if folder.name.endswith(PARTIAL_SUFFIX) or (folder / JOURNAL_NAME).exists():
         raise VerifyError(
-            f"this is the partial folder of an unfinished run (it holds {JOURNAL_NAME} or ends in {PARTIAL_SUFFIX})",
+            f"this is the partial folder of an unfinished run (it contains {JOURNAL_NAME} or its name ends in {PARTIAL_SUFFIX})",
             path=folder,
             fix="finish the run with `surgeon apply ... --resume`, then check the output folder it names",
         )
     for name in (MANIFEST_NAME, CONFIG_NAME, INDEX_NAME):
-        if (folder / name).is_symlink():
-            raise VerifyError(f"{name} is a symbolic link, where surgeon wrote a regular file", path=folder / name, fix=_REBUILD_FIX)
+        _reject_link(folder / name)
+
+
+def _reject_link(path: Path, field: str | None = None) -> None:
+    if path.is_symlink():
+        raise VerifyError(f"{path.name} is a symbolic link, where surgeon wrote a regular file", path=path, field=field, fix=_REBUILD_FIX)
 
 
 def is_trained_folder(folder: Path) -> bool:
@@ -260,8 +263,7 @@ def _check_files(folder: Path, manifest: dict, editable: frozenset[str]) -> None
                 fix=_REBUILD_FIX,
             )
         path = folder / name
-        if path.is_symlink():
-            raise VerifyError(f"{name} is a symbolic link, where surgeon wrote a regular file", path=path, field="output.files", fix=_REBUILD_FIX)
+        _reject_link(path, field="output.files")
         if not path.is_file():
             raise VerifyError(f"{name} is missing or not a regular file, and {MANIFEST_NAME} lists it", path=path, field="output.files", fix=_REBUILD_FIX)
         if name in editable:

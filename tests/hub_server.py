@@ -50,7 +50,7 @@ class HubServer:
     validated: list[str] = field(default_factory=list)
     # When set, the server returns HTTP 403 for every upload commit, as for a token without write access.
     # (huggingface_hub retries 5xx responses with backoff, which would slow the tests by half a minute.)
-    refuse_commits: bool = False
+    reject_commits: bool = False
     url: str = ""
 
     def start(self) -> None:
@@ -205,7 +205,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._json({"files": [{"path": entry["path"], "uploadMode": "regular", "shouldIgnore": False} for entry in files]})
 
     def _commit(self, repo_id: str, revision: str, body: bytes) -> None:
-        if self.hub.refuse_commits:
+        if self.hub.reject_commits:
             return self._error(403, "Forbidden", "this token cannot write to the repository")
         stored = self.hub.uploaded.setdefault(repo_id, {})
         for line in body.splitlines():

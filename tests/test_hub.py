@@ -137,7 +137,7 @@ def test_hub_input_shards_match_local_folder(cached_and_local_outputs):
 
 
 @pytest.mark.slow
-def test_hub_input_manifest_differs_only_in_path_and_card(cached_and_local_outputs):
+def test_hub_manifest_differs_in_path_and_card(cached_and_local_outputs):
     """The model card names the Hub base model only for the hf:// input, so its hash differs too."""
     local, hub = cached_and_local_outputs
     local_manifest = json.loads((local / "surgeon.json").read_text())
@@ -366,9 +366,9 @@ def failed_push(hub_server, tmp_path, tiny_models):
     """An apply whose output was written but whose push the server refused."""
     env = {"HF_ENDPOINT": hub_server.url, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf-home")}
     output = tmp_path / "out"
-    hub_server.refuse_commits = True
+    hub_server.reject_commits = True
     result = run_cli("apply", str(RECIPE), str(tiny_models["llama"]), str(output), "--quiet", "--push-to-hub", "me/tiny-tli", env=env)
-    hub_server.refuse_commits = False
+    hub_server.reject_commits = False
     return {"result": result, "output": output, "env": env}
 
 
